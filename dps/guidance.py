@@ -1,0 +1,221 @@
+"""The DPS guidance step (Chung et al., ICLR 2023, arXiv 2209.14687): the gradient of the measurement
+residual through Tweedie's estimate, and the rules that turn it into a step of any sampler.
+
+Notation: ``x_t`` the sampler's state, ``x0_hat = E[x_0 | x_t]`` (Tweedie), ``D`` an optional decoder
+(latent models), ``A`` the operator, ``y`` the measurement and
+
+    d(x_t) = ‖ residual(y, A(D(x0_hat(x_t)))) ‖₂        (per sample; see ``dps.noise``)
+
+Step rules (``RULES``):
+
+* ``"dps"``: ``x_{t-1} = x'_{t-1} − ζ ∇_{x_t} d``, the official code's rule (``condition_methods.py``),
+  computed per sample instead of over the whole batch.
+* ``"dps_paper"``: ``x_{t-1} = x'_{t-1} − ζ/d · ∇_{x_t} d²``, the paper's Algorithm 1 with its step
+  ``ζ_i = ζ'/‖y − A(x0_hat)‖``. Since ``∇d² = 2d∇d`` it equals ``"dps"`` with ``ζ = 2ζ'``.
+* ``"schedule"``: the guidance enters the score, ``∇log p(y | x_t) ≈ −ζ ∇d``, and is scaled by the
+  sampler's own score coefficient: ``β_t/√α_t`` in DDPM (large early, small late, and growing
+  automatically when steps are respaced), ``σ²`` in the denoiser (σ-space) form. deepinv's DPS does the
+  same through its SDE solver.
+
+Gradient modes (``MODES``): ``"full"`` backpropagates through the denoiser (and decoder); ``"x0_only"``
+differentiates with respect to ``x0_hat`` alone (MPGD, He et al. 2024), several times cheaper, and
+maps the gradient back with the denoiser Jacobian replaced by that of a Gaussian prior of standard
+deviation ``sigma_data`` (0.5 for images in [-1, 1], EDM's σ_data): ``∂x0_hat/∂x ≈ σ_d²/(σ_d² + σ²)·I``
+in σ-space, ``√ᾱ σ_d²/(ᾱ σ_d² + 1 − ᾱ)·I`` in VP form (``x0_jacobian``). It tends to the identity at low
+noise and damps the step at high noise, where x0_hat barely depends on x_t.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .noise import NoiseModel
+from .operators import Operator
+
+RULES = ("dps", "dps_paper", "schedule")
+MODES = ("full", "x0_only")
+ON_NONFINITE = ("raise", "skip")
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GuidanceDivergedError(RuntimeError):
+    """Raised when the guidance gradient is non-finite or explodes; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class GuidanceResult:
+    """One evaluation of the data term: ``x0_hat`` (detached), per-sample ``distance`` (B,), and ``grad``,
+    the gradient of the rule's objective w.r.t. ``x_t`` (mode "full") or ``x0_hat`` (mode "x0_only"),
+    already multiplied by the rule's per-sample factor (``1/d`` for "dps_paper"), so that every rule's
+    step is ``−size · grad``."""
+
+    x0_hat: torch.Tensor
+    distance: torch.Tensor
+    grad: torch.Tensor
+    skipped: bool = False
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd may use: inference tensors (hosts' inference mode) are copied."""
+    return t.clone() if t.is_inference() else t
+
+
+@dataclass
+class DPSGuidance:
+    """Everything guidance needs: the measurement ``y``, the operator ``A``, the noise model and the
+    step settings. Host adapters build one and call ``evaluate`` from their hook.
+
+    Args:
+        operator: the forward model ``A``; it receives images in [-1, 1].
+        noise: the noise model (``dps.noise``); supplies the residual.
+        y: the measurement, shaped like ``A(x)`` (batch 1 is broadcast over the sampler's batch).
+        zeta: the step size ζ (its meaning depends on ``rule``; see the module docstring).
+        rule: one of ``RULES``.
+        mode: one of ``MODES``.
+        decoder: maps the model's x0 (a latent) to an image in [-1, 1]; ``None`` for pixel models.
+        start, end: guide only while the sampling progress (0 at the first step, 1 at the last) lies in
+            [start, end], as ControlNet's start/end percent.
+        on_nonfinite: "raise" (``GuidanceDivergedError``) or "skip" the step with a warning.
+        explode_ratio: a step whose RMS exceeds ``explode_ratio · max(1, RMS(x_t))`` counts as diverged.
+        sigma_data: prior standard deviation used by mode "x0_only" (``x0_jacobian``).
+    """
+
+    operator: Operator
+    noise: NoiseModel
+    y: torch.Tensor
+    zeta: float = 1.0
+    rule: str = "dps"
+    mode: str = "full"
+    decoder: Decoder | None = None
+    start: float = 0.0
+    end: float = 1.0
+    on_nonfinite: str = "raise"
+    explode_ratio: float = 100.0
+    sigma_data: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
+        if not (math.isfinite(self.zeta) and self.zeta >= 0):
+            raise ValueError(f"zeta must be a finite number >= 0, got {self.zeta!r}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if not torch.isfinite(self.y).all():
+            raise ValueError("the measurement y contains NaN or infinite values; check the input image")
+
+    def active(self, progress: float) -> bool:
+        """Whether to guide at this sampling progress (0 = first step, 1 = last)."""
+        return self.zeta > 0 and self.start <= progress <= self.end
+
+    def evaluate(self, x_t: torch.Tensor, x0_fn: Callable[[torch.Tensor], torch.Tensor]) -> GuidanceResult:
+        """Compute ``x0_hat = x0_fn(x_t)``, the per-sample distance and the rule's gradient.
+
+        Works when called under ``torch.no_grad()`` or ``torch.inference_mode()`` (hosts sample so):
+        grad is re-enabled locally on a copy of ``x_t``, and the result is detached.
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            x = _normal(x_t).detach().requires_grad_(self.mode == "full")
+            if self.mode == "full":
+                x0_hat = x0_fn(x)
+                leaf = x
+            else:
+                with torch.no_grad():
+                    x0_hat = x0_fn(x)
+                x0_hat = _normal(x0_hat).detach().requires_grad_(True)
+                leaf = x0_hat
+            distance = self.distance(x0_hat)
+            objective = distance.square() if self.rule == "dps_paper" else distance
+            (grad,) = torch.autograd.grad(objective.sum(), leaf)
+        grad = grad.detach()
+        distance = distance.detach()
+        if self.rule == "dps_paper":
+            grad = grad / distance.clamp_min(torch.finfo(distance.dtype).tiny).view(-1, *([1] * (grad.ndim - 1)))
+        return self._checked(GuidanceResult(x0_hat.detach(), distance, grad), x_t)
+
+    def distance(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``d = ‖residual(y, A(D(x0_hat)))‖`` (differentiable), computed in float32 at least."""
+        image = self.decoder(x0_hat) if self.decoder is not None else x0_hat
+        if image.dtype in (torch.float16, torch.bfloat16):
+            image = image.float()
+        y = _normal(self.y).to(device=image.device, dtype=image.dtype)
+        ax = self.operator(image)
+        if y.shape[0] == 1 and ax.shape[0] > 1:
+            y = y.expand(ax.shape[0], *y.shape[1:])
+        return self.noise.distance(y, ax)
+
+    def _checked(self, result: GuidanceResult, x_t: torch.Tensor) -> GuidanceResult:
+        finite = bool(torch.isfinite(result.grad).all()) and bool(torch.isfinite(result.distance).all())
+        if finite:
+            return result
+        message = ("DPS guidance produced a non-finite gradient (the measurement residual or its gradient is "
+                   "NaN/inf). Lower zeta, start guidance later (start > 0), use mode='x0_only', or compute "
+                   "the model in float32.")
+        if self.on_nonfinite == "raise":
+            raise GuidanceDivergedError(message)
+        warnings.warn(message + " This step is left unguided.", RuntimeWarning, stacklevel=3)
+        zero = torch.zeros_like(result.grad)
+        return GuidanceResult(torch.nan_to_num(result.x0_hat), torch.nan_to_num(result.distance), zero, skipped=True)
+
+    def check_step(self, step: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Return ``step`` unless its RMS explodes relative to ``x_t``; then raise or return zeros."""
+        rms_step = step.float().flatten(1).square().mean(1).sqrt()
+        rms_x = x_t.float().flatten(1).square().mean(1).sqrt().clamp_min(1.0)
+        if bool((rms_step <= self.explode_ratio * rms_x).all()):
+            return step
+        message = (f"DPS guidance diverged: a guidance step is {float((rms_step / rms_x).max()):.3g} times the size "
+                   f"of the sample (limit {self.explode_ratio:g}). Lower zeta (now {self.zeta:g}), or use the "
+                   "'schedule' rule, which scales the step with the noise level.")
+        if self.on_nonfinite == "raise":
+            raise GuidanceDivergedError(message)
+        warnings.warn(message + " This step is left unguided.", RuntimeWarning, stacklevel=3)
+        return torch.zeros_like(step)
+
+
+def ddpm_step_size(rule: str, zeta: float, beta: float) -> float:
+    """The factor multiplying the gradient in a DDPM/DDIM x-space update ``x_{t-1} = x'_{t-1} − size · grad``.
+
+    "dps"/"dps_paper": ζ (constant). "schedule": ζ β_t / √(1 − β_t), the coefficient of the score in the
+    DDPM posterior mean ``μ = (x_t + β_t ∇log p_t(x_t)) / √α_t`` (Ho et al. 2020, eq. 11), applied to
+    the likelihood score ``∇log p(y|x_t) ≈ −ζ ∇d``.
+    """
+    if rule == "schedule":
+        return zeta * beta / math.sqrt(1.0 - beta)
+    return zeta
+
+
+def x0_jacobian(sigma: float, sigma_data: float = 0.5) -> float:
+    """∂x0_hat/∂x for ``x = x0 + σε`` under a Gaussian prior N(0, σ_d²): σ_d²/(σ_d² + σ²) (mode "x0_only")."""
+    return sigma_data**2 / (sigma_data**2 + sigma**2)
+
+
+def vp_x0_jacobian(alpha_cumprod: float, sigma_data: float = 0.5) -> float:
+    """∂x0_hat/∂x_t for ``x_t = √ᾱ x_0 + √(1−ᾱ) ε`` under a Gaussian prior N(0, σ_d²):
+    √ᾱ σ_d²/(ᾱ σ_d² + 1 − ᾱ), the VP form of ``x0_jacobian`` (→ 1/√ᾱ at low noise)."""
+    return math.sqrt(alpha_cumprod) * sigma_data**2 / (alpha_cumprod * sigma_data**2 + 1 - alpha_cumprod)
+
+
+def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | None, rule: str,
+                        zeta: float) -> torch.Tensor:
+    """The change of the denoised prediction ``D(x, σ)`` that applies guidance in σ-space samplers.
+
+    For ``x = x0 + σε`` and an Euler step ``x_next = x + (σ_next − σ)(x − D)/σ``:
+
+    * posterior-score form (rule "schedule"): ``D' = D + σ² ∇log p(y|x)`` with ``∇log p(y|x) ≈ −ζ ∇d``
+      (Tweedie's formula applied to the posterior; the k-diffusion CLIP-guidance template).
+      Used too when the step is unknown (``delta_sigma`` is None).
+    * Euler-calibrated form (rules "dps", "dps_paper"): ``D' = D − ζ ∇d · σ / Δσ`` with ``Δσ = σ − σ_next``,
+      so one Euler step moves x by exactly ``−ζ ∇d``, the x-space DPS step.
+    """
+    if rule == "schedule" or delta_sigma is None or delta_sigma <= 0:
+        return -zeta * sigma**2 * grad
+    return -zeta * (sigma / delta_sigma) * grad

@@ -1,0 +1,14 @@
+"""Forward models ``A`` for inverse problems, as differentiable torch modules on NCHW batches in [-1, 1]."""
+
+from .base import LinearOperator, Operator, batch_dot, conjugate_gradient_pinv
+from .blur import Blur, GaussianBlur, MotionBlur, gaussian_kernel, motion_kernel
+from .masking import Inpainting, box_mask, random_mask
+from .resample import SuperResolution
+from .simple import Compose, Grayscale, PhaseRetrieval
+
+__all__ = [
+    "Operator", "LinearOperator", "batch_dot", "conjugate_gradient_pinv",
+    "SuperResolution", "Inpainting", "box_mask", "random_mask",
+    "Blur", "GaussianBlur", "MotionBlur", "gaussian_kernel", "motion_kernel",
+    "PhaseRetrieval", "Grayscale", "Compose",
+]

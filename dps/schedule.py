@@ -1,0 +1,58 @@
+"""Noise schedules: the DDPM linear β schedule, respacing, and the σ-space view of it.
+
+DDPM (Ho et al. 2020; DPS's ``diffusion_config.yaml``): β linear from 1e-4 to 0.02 over 1000 steps,
+``ᾱ_t = ∏(1 − β_s)``, ``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε``. The same process in σ-space (k-diffusion,
+ComfyUI, the WebUI) is ``x_t / √ᾱ_t = x_0 + σ_t ε`` with ``σ_t = √((1 − ᾱ_t) / ᾱ_t)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """The linear β schedule, scaled as the official code (``scale = 1000 / num_steps``)."""
+    scale = 1000.0 / num_steps
+    return torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Respaced:
+    """A subsequence of the training timesteps with the β's that make it a Markov chain of its own.
+
+    ``timesteps[i]`` is the training index of sampling step i (increasing); ``betas[i] = 1 − ᾱ_{t_i} / ᾱ_{t_{i−1}}``
+    (Nichol & Dhariwal 2021, ``space_timesteps``).
+    """
+
+    timesteps: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    betas: torch.Tensor
+
+
+def respace(alphas_cumprod: torch.Tensor, steps: int) -> Respaced:
+    """Keep ``steps`` evenly spaced timesteps of a trained schedule, always including the last."""
+    total = alphas_cumprod.shape[0]
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must lie in [1, {total}], got {steps}")
+    timesteps = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long()
+    ac = alphas_cumprod[timesteps]
+    prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    return Respaced(timesteps=timesteps, alphas_cumprod=ac, betas=1 - ac / prev)
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def sigma_from_alpha_cumprod(alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ = √((1 − ᾱ) / ᾱ), the variance-exploding noise level of a VP timestep."""
+    return ((1 - alpha_cumprod) / alpha_cumprod).sqrt()
+
+
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022, eq. 5) noise levels, with a final 0 appended."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv = sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    return torch.cat([inv**rho, torch.zeros(1, dtype=torch.float64)])
