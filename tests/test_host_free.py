@@ -32,9 +32,15 @@ def test_repository_root_imports_as_a_comfyui_package():
     sys.modules["dps_guidance_pack"] = module
     try:
         spec.loader.exec_module(module)
-        assert isinstance(module.NODE_CLASS_MAPPINGS, dict)
+        # V3 pack: ComfyUI calls comfy_entrypoint, which only exists when comfy_api is importable; a V1
+        # NODE_CLASS_MAPPINGS would make ComfyUI skip the entry point.
+        assert not hasattr(module, "NODE_CLASS_MAPPINGS")
+        hook = importlib.import_module("dps_guidance_pack.nodes.hook")
+        builders = importlib.import_module("dps_guidance_pack.nodes.builders")
+        assert callable(hook.apply_dps) and callable(builders.measure)
     finally:
-        sys.modules.pop("dps_guidance_pack", None)
+        for name in [n for n in sys.modules if n == "dps_guidance_pack" or n.startswith("dps_guidance_pack.")]:
+            sys.modules.pop(name, None)
 
 
 def test_smoke_command_prints_json_where_dps_beats_unconditional():

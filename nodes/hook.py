@@ -1,0 +1,288 @@
+"""The ComfyUI side of DPS guidance: two model wrappers on a cloned MODEL, and the node's checks.
+
+Host-free on purpose (no ``comfy`` import): ComfyUI's objects arrive as arguments and are used through the
+documented surface only, so tests drive this module with small fakes.
+
+* ``OUTER_SAMPLE`` wrapper (``fn(executor, noise, latent_image, sampler, sigmas, denoise_mask, callback,
+  disable_pbar, seed)``): checks the latent against the measurement and the operator before the first
+  step, and holds the per-run state.
+* ``PREDICT_NOISE`` wrapper (``fn(executor, x, timestep, model_options, seed)``, ``timestep`` is σ): the
+  one model evaluation a sampler asks for (CFG, ControlNet and LoRA included) is re-run with grad on a copy
+  of ``x``; ``x0_hat`` is what the host returns, the decode undoes the latent format
+  (``inner_model.process_latent_out``) and runs the VAE's own module; the guided denoised is
+  ``x0_hat + correction`` (``dps.host.guided_denoised``). Every built-in sampler goes through it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..dps.guidance import MODES, RULES, DPSGuidance
+from ..dps.host import (guided_denoised, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
+                        normal_tensor, schedule_step)
+from ..dps.noise import NoiseModel
+from ..dps.operators import Compose, Inpainting, Operator
+
+PREDICT_NOISE = "predict_noise"   # comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+OUTER_SAMPLE = "outer_sample"     # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+KEY = "dps"
+PRECISIONS = ("auto", "fp32")
+
+log = logging.getLogger("dps_guidance")
+
+
+@dataclass
+class Settings:
+    """The Apply node's options (see the node's tooltips)."""
+
+    zeta: float = 1.0
+    rule: str = "dps"
+    mode: str = "full"
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    precision: str = "auto"
+    on_nonfinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"step rule must be one of {RULES}, got {self.rule!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"gradient mode must be one of {MODES}, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"VAE decode precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {self.start_percent} and "
+                             f"{self.end_percent}; swap them or move start_percent down")
+
+
+@dataclass
+class RunState:
+    """Per-sampling-run state: the decoder copy, the residuals seen, whether weights were made autograd-safe."""
+
+    decoder_copy: nn.Module | None = None
+    distances: list[torch.Tensor] = field(default_factory=list)
+
+
+def _operators(op: Operator) -> list[Operator]:
+    return [leaf for part in op.ops for leaf in _operators(part)] if isinstance(op, Compose) else [op]
+
+
+def latent_channels_of(model: Any) -> int | None:
+    fmt = model.get_model_object("latent_format")
+    return getattr(fmt, "latent_channels", None)
+
+
+def check_inputs(model: Any, vae: Any, measurement: torch.Tensor, operator: Any, noise: Any,
+                 surrogate: nn.Module | None) -> None:
+    """Node-time checks that need no latent: types, video models, latent channels, the inpainting mask."""
+    if not isinstance(operator, Operator):
+        raise ValueError("operator must come from a DPS operator node (DPS Super-Resolution, DPS Inpainting, ...)")
+    if not isinstance(noise, NoiseModel):
+        raise ValueError("noise must come from a DPS noise node (DPS Gaussian Noise or DPS Poisson Noise)")
+    if not isinstance(measurement, torch.Tensor) or measurement.ndim != 4 or measurement.shape[-1] < 3:
+        raise ValueError("measurement must be an IMAGE (batch, height, width, 3); load it with Load Image")
+    if not torch.isfinite(measurement).all():
+        raise ValueError("the measurement image contains NaN or infinite values; reload or recreate it")
+    fmt = model.get_model_object("latent_format")
+    model_channels = getattr(fmt, "latent_channels", None)
+    if getattr(fmt, "latent_dimensions", 2) != 2 or getattr(vae, "latent_dim", 2) != 2:
+        raise ValueError("DPS guidance supports image models (SD1.5, SDXL, SD3, FLUX); this is a video or audio "
+                         "model. Use an image checkpoint and its VAE")
+    if surrogate is None:
+        vae_channels = getattr(vae, "latent_channels", None)
+        if model_channels is not None and vae_channels is not None and vae_channels != model_channels:
+            raise ValueError(f"the VAE has {vae_channels} latent channels but the model uses {model_channels}; "
+                             "connect the VAE that belongs to this checkpoint (SD1.5/SDXL: 4, SD3/FLUX: 16)")
+        if not isinstance(getattr(vae, "downscale_ratio", 8), int):
+            raise ValueError("this VAE is a video VAE; connect the image VAE of the checkpoint")
+    else:
+        conv = next((m for m in surrogate.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is not None and model_channels is not None and conv.in_channels != model_channels:
+            raise ValueError(f"the TAESD decoder takes {conv.in_channels} latent channels but the model uses "
+                             f"{model_channels}; pick the matching file (taesd: SD1.5, taesdxl: SDXL, "
+                             "taesd3: SD3, taef1: FLUX)")
+    for part in _operators(operator):
+        if isinstance(part, Inpainting) and part is operator:
+            mh, mw = part.mask.shape[-2:]
+            h, w = measurement.shape[1:3]
+            if (mh, mw) != (h, w):
+                raise ValueError(f"the inpainting mask is {mw}x{mh} but the measurement image is {w}x{h}; "
+                                 "use a mask of the measurement's size (resize it or draw it on that image)")
+            if part.mask.shape[0] not in (1, measurement.shape[0]):
+                raise ValueError(f"the mask batch ({part.mask.shape[0]}) must be 1 or the measurement batch "
+                                 f"({measurement.shape[0]})")
+
+
+class DPSPatch:
+    """The wrappers of one Apply DPS Guidance node. Shared by the clones of its MODEL; state is per run."""
+
+    def __init__(self, operator: Operator, noise: NoiseModel, measurement: torch.Tensor, settings: Settings,
+                 vae: Any = None, surrogate: nn.Module | None = None,
+                 interrupt: Callable[[], None] | None = None) -> None:
+        if vae is None and surrogate is None:
+            raise ValueError("DPS guidance needs a VAE (or a TAESD decoder) to compare the sample with the measurement")
+        self.operator = operator
+        self.noise = noise
+        self.y = image_to_nchw(normal_tensor(measurement))
+        self.settings = settings
+        self.vae = vae
+        self.surrogate = surrogate
+        self.interrupt = interrupt
+        self.run: RunState | None = None
+        self.last_run: RunState | None = None
+        self._inner: Any = None
+        self.guidance = DPSGuidance(operator=operator, noise=noise, y=self.y, zeta=settings.zeta, rule=settings.rule,
+                                    mode=settings.mode, decoder=self._decode, on_nonfinite=settings.on_nonfinite)
+
+    # ---- checks -------------------------------------------------------------------------------------
+    def image_shape(self, latent_shape: torch.Size) -> tuple[int, int, int, int]:
+        if len(latent_shape) != 4:
+            raise ValueError(f"DPS guidance needs an image latent (batch, channels, height, width), got shape "
+                             f"{tuple(latent_shape)}: video and audio latents are not supported")
+        ratio = 8 if self.surrogate is not None else getattr(self.vae, "downscale_ratio", 8)
+        b, _, h, w = latent_shape
+        return (int(b), 3, int(h) * ratio, int(w) * ratio)
+
+    def validate(self, latent_shape: torch.Size, model_channels: int | None) -> None:
+        """Raise ``ValueError`` naming the fix when the latent does not fit the measurement and operator."""
+        image_shape = self.image_shape(latent_shape)
+        if model_channels is not None and latent_shape[1] != model_channels:
+            raise ValueError(f"the latent has {latent_shape[1]} channels but the model expects {model_channels}; "
+                             "make the latent with this model's VAE or Empty Latent Image")
+        expected = self.operator.measurement_shape(image_shape)
+        self.y = match_channels(self.y, expected[1])
+        self.guidance.y = self.y
+        if self.y.shape[0] not in (1, image_shape[0]):
+            raise ValueError(f"the measurement batch ({self.y.shape[0]}) must be 1 or the latent batch "
+                             f"({image_shape[0]})")
+        try:
+            self.operator.check_measurement(self.y, image_shape)
+        except ValueError as err:
+            raise ValueError(f"DPS: the measurement ({self.y.shape[-1]}x{self.y.shape[-2]}) does not fit a "
+                             f"{image_shape[-1]}x{image_shape[-2]} image (latent {latent_shape[-1]}x"
+                             f"{latent_shape[-2]}): {err}") from err
+
+    # ---- wrappers -----------------------------------------------------------------------------------
+    def outer_sample(self, executor: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        noise = args[0] if args else kwargs["noise"]
+        guider = getattr(executor, "class_obj", None)
+        patcher = getattr(guider, "model_patcher", None)
+        self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
+        self.run = RunState()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._finish_run()
+
+    def predict_noise(self, executor: Callable[..., torch.Tensor], x: torch.Tensor, timestep: torch.Tensor,
+                      model_options: dict, seed: Any) -> torch.Tensor:
+        guider = executor.class_obj
+        inner = guider.inner_model
+        sigma = float(timestep.flatten()[0])
+        if not self._active(sigma, inner):
+            return executor(x, timestep, model_options, seed)
+        if model_options.get("multigpu_clones"):
+            raise ValueError("DPS guidance needs gradients, which multi-GPU sampling does not build; "
+                             "remove the MultiGPU node or run on one GPU")
+        if self.interrupt is not None:
+            self.interrupt()
+        if self.run is None:
+            self.run = RunState()
+        self._inner = inner
+        self._make_autograd_safe(guider, inner)
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        sigma_in = normal_tensor(timestep)
+
+        def x0_fn(x_in: torch.Tensor) -> torch.Tensor:
+            return executor(x_in, sigma_in, model_options, seed)
+
+        result = self.guidance.evaluate(x, x0_fn)
+        self.run.distances.append(result.distance.cpu())
+        out = guided_denoised(result, self.guidance, sigma, schedule_step(sigma, sigmas), x)
+        if self.interrupt is not None:
+            self.interrupt()
+        return out
+
+    # ---- internals ----------------------------------------------------------------------------------
+    def _active(self, sigma: float, inner: Any) -> bool:
+        if self.settings.zeta <= 0 or sigma <= 0:
+            return False
+        ms = inner.model_sampling
+        s_start = float(ms.percent_to_sigma(self.settings.start_percent))
+        s_end = float(ms.percent_to_sigma(self.settings.end_percent))
+        return s_end <= sigma <= s_start
+
+    def _modules(self, guider: Any, inner: Any) -> list[nn.Module]:
+        modules: list[nn.Module] = [inner]
+        for patcher in getattr(guider, "loaded_models", None) or []:   # ControlNets, T2I adapters, the VAE
+            if isinstance(getattr(patcher, "model", None), nn.Module):
+                modules.append(patcher.model)
+        if self.surrogate is not None:
+            modules.append(self.surrogate)
+        elif self.settings.precision == "auto":
+            modules.append(self.vae.first_stage_model)
+        return modules
+
+    def _make_autograd_safe(self, guider: Any, inner: Any) -> None:
+        modules = self._modules(guider, inner)
+        if needs_autograd_fix(modules):
+            n = make_autograd_safe(modules)
+            log.debug("DPS: copied %d inference tensors so gradients can flow", n)
+
+    def _decoder(self, device: torch.device) -> tuple[nn.Module, torch.dtype]:
+        if self.surrogate is not None:
+            return self.surrogate.to(device), torch.float32
+        fsm = self.vae.first_stage_model
+        if self.settings.precision == "auto":
+            return fsm, getattr(self.vae, "vae_dtype", next(fsm.parameters()).dtype)
+        run = self.run if self.run is not None else RunState()
+        if run.decoder_copy is None:
+            with torch.inference_mode(False):
+                run.decoder_copy = copy.deepcopy(fsm).float().requires_grad_(False)
+            make_autograd_safe([run.decoder_copy])
+        return run.decoder_copy.to(device), torch.float32
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space x0 (latent) → image in [-1, 1], differentiable, float32."""
+        if self.surrogate is not None:
+            param = next(self.surrogate.parameters())
+            decoder, _ = self._decoder(param.device)
+            return decoder(x0.to(param.device, torch.float32)).float() * 2 - 1   # TAESD takes model-space latents
+        latent = self._inner.process_latent_out(x0)
+        fsm = self.vae.first_stage_model
+        device = next(fsm.parameters()).device
+        decoder, dtype = self._decoder(device)
+        image = decoder.decode(latent.to(device, dtype))
+        return image.float()
+
+    def _finish_run(self) -> None:
+        run, self.run = self.run, None
+        self.last_run = run
+        if run is not None and run.distances:
+            first, last = run.distances[0], run.distances[-1]
+            log.info("DPS: measurement residual %s -> %s over %d guided evaluations",
+                     [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances))
+
+
+def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operator, noise: NoiseModel,
+              settings: Settings, surrogate: nn.Module | None = None,
+              interrupt: Callable[[], None] | None = None,
+              wrapper_types: tuple[str, str] = (OUTER_SAMPLE, PREDICT_NOISE)) -> tuple[Any, DPSPatch]:
+    """Check the inputs, then return a clone of ``model`` carrying one DPS patch (replacing any earlier one)."""
+    check_inputs(model, vae, measurement, operator, noise, surrogate)
+    patch = DPSPatch(operator, noise, measurement, settings, vae=vae, surrogate=surrogate, interrupt=interrupt)
+    outer, predict = wrapper_types
+    m = model.clone()
+    m.remove_wrappers_with_key(outer, KEY)
+    m.remove_wrappers_with_key(predict, KEY)
+    m.add_wrapper_with_key(outer, KEY, patch.outer_sample)
+    m.add_wrapper_with_key(predict, KEY, patch.predict_noise)
+    if surrogate is None and getattr(vae, "patcher", None) is not None:
+        m.set_additional_models("dps_vae", [vae.patcher])   # loaded to the GPU with the UNet for the run
+    return m, patch

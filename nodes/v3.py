@@ -1,0 +1,333 @@
+"""The DPS nodes in ComfyUI's V3 schema (``comfy_api.latest``). Imported only inside ComfyUI.
+
+V3 because core ComfyUI writes its own nodes in it and new node features land only there; the classic
+in-process ``io.ComfyNode`` (not the brokered SDK tier) because guidance needs raw autograd in sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..dps.guidance import MODES, RULES
+from ..dps.operators import GaussianBlur, Grayscale, PhaseRetrieval, SuperResolution
+from ..dps.operators.resample import FILTERS as FILTERS_SR
+from . import builders
+from .hook import OUTER_SAMPLE, PRECISIONS, PREDICT_NOISE, Settings, apply_dps
+
+CATEGORY = "sampling/dps"
+Operator = io.Custom("DPS_OPERATOR")
+Noise = io.Custom("DPS_NOISE")
+log = logging.getLogger("dps_guidance")
+
+
+def _op_out() -> list:
+    return [Operator.Output(display_name="operator", tooltip="The forward model A; connect it to DPS Measure and "
+                                                             "Apply DPS Guidance")]
+
+
+def _seed(tooltip: str) -> io.Int.Input:
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip=tooltip)
+
+
+class DPSSuperResolution(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSSuperResolution", display_name="DPS Super-Resolution", category=CATEGORY,
+            description="The measurement is the picture shrunk by an integer factor: restore detail from a small image.",
+            inputs=[
+                io.Int.Input("factor", default=4, min=1, max=16, tooltip="How many times smaller the measurement is "
+                             "than the output (a 128 px photo restored to 512 px: 4)."),
+                io.Combo.Input("filter", options=list(FILTERS_SR), default="bicubic",
+                               tooltip="How the measurement was shrunk: bicubic (most photos), bilinear, or area "
+                                       "(box average)."),
+            ],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, factor: int, filter: str) -> io.NodeOutput:
+        return io.NodeOutput(SuperResolution(factor=factor, filter=filter))
+
+
+class DPSInpainting(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSInpainting", display_name="DPS Inpainting", category=CATEGORY,
+            description="The measurement is the picture with holes: the masked pixels are unknown.",
+            inputs=[io.Mask.Input("mask", tooltip="1 (white) = missing, 0 = measured; Load Image's mask, DPS Box "
+                                                  "Mask or DPS Random Mask. Same size as the measurement.")],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, mask: torch.Tensor) -> io.NodeOutput:
+        return io.NodeOutput(builders.inpainting(mask))
+
+
+class DPSBoxMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSBoxMask", display_name="DPS Box Mask", category=CATEGORY,
+            description="A mask with one missing rectangle at a random (seeded) place, for trying inpainting.",
+            inputs=[
+                io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="Mask width in pixels (the measurement's)."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="Mask height in pixels."),
+                io.Int.Input("box_width", default=256, min=1, max=16384, tooltip="Width of the missing box in pixels."),
+                io.Int.Input("box_height", default=256, min=1, max=16384, tooltip="Height of the missing box in pixels."),
+                io.Int.Input("margin", default=32, min=0, max=8192, tooltip="The box keeps this many pixels from each edge."),
+                _seed("Where the box goes."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="1 = missing")])
+
+    @classmethod
+    def execute(cls, width, height, box_width, box_height, margin, seed) -> io.NodeOutput:
+        return io.NodeOutput(builders.box_mask(width, height, box_width, box_height, margin, seed))
+
+
+class DPSRandomMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSRandomMask", display_name="DPS Random Mask", category=CATEGORY,
+            description="A mask with a fraction of scattered pixels missing (the paper's random inpainting).",
+            inputs=[
+                io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="Mask width in pixels."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="Mask height in pixels."),
+                io.Float.Input("fraction", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of pixels that are missing (0.7 = 70 %)."),
+                _seed("Which pixels go missing."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="1 = missing")])
+
+    @classmethod
+    def execute(cls, width, height, fraction, seed) -> io.NodeOutput:
+        return io.NodeOutput(builders.random_mask(width, height, fraction, seed))
+
+
+class DPSGaussianBlur(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSGaussianBlur", display_name="DPS Gaussian Blur", category=CATEGORY,
+            description="The measurement is an out-of-focus (Gaussian-blurred) picture.",
+            inputs=[
+                io.Int.Input("kernel_size", default=61, min=1, max=255, step=2,
+                             tooltip="Blur kernel side in pixels, odd (the paper: 61). Must be smaller than the image."),
+                io.Float.Input("sigma", default=3.0, min=0.1, max=100.0, step=0.1,
+                               tooltip="Blur radius (standard deviation) in pixels (the paper: 3)."),
+            ],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, kernel_size, sigma) -> io.NodeOutput:
+        return io.NodeOutput(GaussianBlur(kernel_size=kernel_size, sigma=sigma))
+
+
+class DPSMotionBlur(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSMotionBlur", display_name="DPS Motion Blur", category=CATEGORY,
+            description="The measurement is a shaken (motion-blurred) picture; the blur path is random (seeded) "
+                        "or drawn by you as a kernel image.",
+            inputs=[
+                io.Int.Input("kernel_size", default=61, min=3, max=255, step=2, tooltip="Kernel side in pixels, odd."),
+                io.Float.Input("intensity", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="How curved the random path is (the paper: 0.5)."),
+                _seed("Which random path."),
+                io.Image.Input("kernel", optional=True,
+                               tooltip="Optional: a white-on-black image of the blur path with odd sides; it "
+                                       "replaces the random path (size, intensity and seed are then ignored)."),
+            ],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, kernel_size, intensity, seed, kernel=None) -> io.NodeOutput:
+        return io.NodeOutput(builders.motion_blur(kernel_size, intensity, seed, kernel))
+
+
+class DPSPhaseRetrieval(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSPhaseRetrieval", display_name="DPS Phase Retrieval", category=CATEGORY,
+            description="The measurement is the magnitude of the picture's Fourier transform (a research task).",
+            inputs=[io.Float.Input("oversample", default=2.0, min=0.0, max=8.0, step=0.5,
+                                   tooltip="Zero padding around the image, as a multiple of its size (the paper: 2).")],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, oversample) -> io.NodeOutput:
+        return io.NodeOutput(PhaseRetrieval(oversample=oversample))
+
+
+class DPSGrayscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSGrayscale", display_name="DPS Grayscale", category=CATEGORY,
+            description="The measurement is a black-and-white picture (colourisation, or a sketch's tones).",
+            inputs=[], outputs=_op_out())
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(Grayscale())
+
+
+class DPSCompose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSCompose", display_name="DPS Chain Operators", category=CATEGORY,
+            description="Apply operators one after the other, e.g. grayscale, then blur, then shrink.",
+            inputs=[
+                Operator.Input("first", tooltip="Applied first to the picture."),
+                Operator.Input("second", tooltip="Applied to the result of the first."),
+                Operator.Input("third", optional=True, tooltip="Optional: applied last."),
+            ],
+            outputs=_op_out())
+
+    @classmethod
+    def execute(cls, first, second, third=None) -> io.NodeOutput:
+        return io.NodeOutput(builders.compose(first, second, third))
+
+
+class DPSGaussianNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSGaussianNoise", display_name="DPS Gaussian Noise", category=CATEGORY,
+            description="Sensor noise of the measurement: additive, normally distributed.",
+            inputs=[io.Float.Input("sigma", default=0.05, min=0.0, max=2.0, step=0.005,
+                                   tooltip="Noise standard deviation on the [-1, 1] image range (the paper: 0.05, "
+                                           "i.e. 0.025 of full white, about 6 of 255 levels). 0 = noiseless.")],
+            outputs=[Noise.Output(display_name="noise", tooltip="Connect to DPS Measure and Apply DPS Guidance.")])
+
+    @classmethod
+    def execute(cls, sigma) -> io.NodeOutput:
+        return io.NodeOutput(builders.gaussian_noise(sigma))
+
+
+class DPSPoissonNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSPoissonNoise", display_name="DPS Poisson Noise", category=CATEGORY,
+            description="Photon (shot) noise of the measurement: grainier in bright areas.",
+            inputs=[io.Float.Input("rate", default=1.0, min=0.001, max=100.0, step=0.01,
+                                   tooltip="Light level: 255 x rate photons at full white. Lower = noisier.")],
+            outputs=[Noise.Output(display_name="noise", tooltip="Connect to DPS Measure and Apply DPS Guidance.")])
+
+    @classmethod
+    def execute(cls, rate) -> io.NodeOutput:
+        return io.NodeOutput(builders.poisson_noise(rate))
+
+
+class DPSMeasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSMeasure", display_name="DPS Measure", category=CATEGORY,
+            description="Simulate the measurement of a clean picture (shrink, blur, holes, plus noise) to try a "
+                        "workflow where the true answer is known.",
+            inputs=[
+                io.Image.Input("image", tooltip="The clean picture."),
+                Operator.Input("operator", tooltip="What the camera did to the picture."),
+                Noise.Input("noise", tooltip="The sensor noise added afterwards."),
+                _seed("The noise draw."),
+            ],
+            outputs=[io.Image.Output(display_name="measurement", tooltip="The simulated measurement y = A(x) + n.")])
+
+    @classmethod
+    def execute(cls, image, operator, noise, seed) -> io.NodeOutput:
+        return io.NodeOutput(builders.measure(image, operator, noise, seed))
+
+
+def _vae_approx_decoders() -> list[str]:
+    import folder_paths
+    return ["none"] + [n for n in folder_paths.get_filename_list("vae_approx") if "decoder" in n]
+
+
+def _load_taesd_decoder(name: str) -> torch.nn.Module:
+    import comfy.taesd.taesd
+    import comfy.utils
+    import folder_paths
+    sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("vae_approx", name), safe_load=True)
+    if "1.weight" not in sd:
+        raise ValueError(f"{name} is not a TAESD decoder (taesd_decoder, taesdxl_decoder, taesd3_decoder, taef1_decoder)")
+    decoder = comfy.taesd.taesd.Decoder(latent_channels=sd["1.weight"].shape[1])
+    decoder.load_state_dict(sd)
+    return decoder.float().eval().requires_grad_(False)
+
+
+class DPSApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DPSApply", display_name="Apply DPS Guidance", category=CATEGORY,
+            description="Diffusion Posterior Sampling: every step of your usual sampler is pulled toward results "
+                        "that, measured the same way, match the measurement. Wire it like Apply ControlNet, "
+                        "between the model loader (and LoRAs) and the KSampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the KSampler uses (after LoRAs and other patches)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: it turns the sampler's latent into a picture to "
+                                            "compare with the measurement."),
+                io.Image.Input("measurement", tooltip="The degraded picture to restore (small, blurred, with holes)."),
+                Operator.Input("operator", tooltip="How the measurement was made from the picture."),
+                Noise.Input("noise", tooltip="How noisy the measurement is."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Guidance strength zeta. 0 = off; raise it if the result drifts from the "
+                                       "measurement, lower it if colours blow out."),
+                io.Combo.Input("step_rule", options=list(RULES), default="dps",
+                               tooltip="dps: the paper's code, a fixed step per sampler step. dps_paper: the paper's "
+                                       "Algorithm 1 (dps with half the strength). schedule: scaled with the noise "
+                                       "level, gentle early, firm late."),
+                io.Combo.Input("gradient", options=list(MODES), default="full",
+                               tooltip="full: through the UNet, as the paper (slower, more memory). x0_only: through "
+                                       "the VAE only, about 2x faster, weaker early on."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start guiding at this point of the schedule (0 = first step), as ControlNet."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stop guiding after this point of the schedule (1 = last step)."),
+                io.Combo.Input("vae_precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: decode in the VAE's dtype. fp32: decode with a float32 copy of the VAE "
+                                       "(more memory; steadier gradients for fp16/bf16 VAEs). The residual is always "
+                                       "computed in float32."),
+                io.Combo.Input("fast_decoder", options=_vae_approx_decoders(), default="none",
+                               tooltip="Optional TAESD decoder from models/vae_approx used instead of the VAE: much "
+                                       "faster and lighter, a little less exact. Pick the model family's file."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The guided model; connect it to your KSampler.")])
+
+    @classmethod
+    def execute(cls, model, vae, measurement, operator, noise, strength, step_rule, gradient, start_percent,
+                end_percent, vae_precision, fast_decoder) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.patcher_extension as pe
+        settings = Settings(zeta=strength, rule=step_rule, mode=gradient, start_percent=start_percent,
+                            end_percent=end_percent, precision=vae_precision)
+        surrogate = None if fast_decoder in (None, "none") else _load_taesd_decoder(fast_decoder)
+        m, _ = apply_dps(model, vae, measurement, operator, noise, settings, surrogate=surrogate,
+                         interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                         wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
+        return io.NodeOutput(m)
+
+
+NODES = [DPSApply, DPSMeasure, DPSSuperResolution, DPSInpainting, DPSBoxMask, DPSRandomMask, DPSGaussianBlur,
+         DPSMotionBlur, DPSPhaseRetrieval, DPSGrayscale, DPSCompose, DPSGaussianNoise, DPSPoissonNoise]
+
+
+class DPSExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> DPSExtension:
+    return DPSExtension()

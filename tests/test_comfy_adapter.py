@@ -1,0 +1,465 @@
+"""The ComfyUI adapter (nodes/hook.py, nodes/builders.py) against small fakes of ComfyUI's hook surface.
+
+The fakes follow the documented signatures: a PREDICT_NOISE wrapper is ``fn(executor, x, sigma, model_options,
+seed)`` with ``executor.class_obj`` the guider (``inner_model`` with ``model_sampling``, ``process_latent_out``;
+``loaded_models``; ``model_patcher``); an OUTER_SAMPLE wrapper is ``fn(executor, noise, latent_image, sampler,
+sigmas, denoise_mask, callback, disable_pbar, seed)``. Everything runs under ``torch.inference_mode()`` with
+weights created inside it, as ComfyUI does, which reproduces "Inference tensors cannot be saved for backward".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+
+PACK = "dps_guidance_pack_test"
+
+
+def _load_pack():
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return (importlib.import_module(f"{PACK}.nodes.hook"), importlib.import_module(f"{PACK}.nodes.builders"),
+            importlib.import_module(f"{PACK}.dps"))
+
+
+hook, builders, dps = _load_pack()
+ops = dps.operators
+Settings = hook.Settings
+
+
+# ---- fakes of ComfyUI's objects --------------------------------------------------------------------------
+class Executor:
+    """comfy.patcher_extension.WrapperExecutor, reduced: calls the next wrapper, finally the original."""
+
+    def __init__(self, fn, class_obj, wrappers, idx=0):
+        self.fn, self.class_obj, self.wrappers, self.idx = fn, class_obj, wrappers, idx
+
+    def __call__(self, *args, **kwargs):
+        if self.idx < len(self.wrappers):
+            return self.wrappers[self.idx](Executor(self.fn, self.class_obj, self.wrappers, self.idx + 1),
+                                           *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+class LatentFormat:
+    def __init__(self, channels=4, scale=0.5, shift=0.1, dims=2):
+        self.latent_channels, self.scale_factor, self.shift, self.latent_dimensions = channels, scale, shift, dims
+
+    def process_out(self, x):
+        return x / self.scale_factor + self.shift
+
+
+class ModelSampling:
+    sigma_max, sigma_min = 14.6, 0.03
+
+    def percent_to_sigma(self, p):
+        if p <= 0:
+            return 999999999.9
+        if p >= 1:
+            return 0.0
+        return math.exp(math.log(self.sigma_max) * (1 - p) + math.log(self.sigma_min) * p)
+
+
+class Control(nn.Module):
+    """Stands in for a ControlNet: extra weights (inference tensors) used in the forward."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return 0.05 * self.conv(x)
+
+
+class Inner(nn.Module):
+    """BaseModel: ``apply_model`` returns x̂0; a Gaussian-prior denoiser plus a small learned part."""
+
+    def __init__(self, channels=4, fmt=None):
+        super().__init__()
+        self.diffusion_model = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.SiLU(),
+                                             nn.Conv2d(16, channels, 3, padding=1))
+        self.model_sampling = ModelSampling()
+        self.latent_format = fmt or LatentFormat(channels)
+        self.control: Control | None = None
+
+    def process_latent_out(self, x):
+        return self.latent_format.process_out(x)
+
+    def apply_model(self, x, sigma, cond_scale=1.0):
+        s = sigma.view(-1, 1, 1, 1)
+        h = self.diffusion_model(x / (s**2 + 1).sqrt())
+        if self.control is not None:
+            h = h + self.control(x)
+        return x / (1 + s**2) + 0.1 * torch.tanh(h) * cond_scale
+
+
+class Patcher:
+    """ModelPatcher, reduced to what the node uses."""
+
+    def __init__(self, model):
+        self.model = model
+        self.wrappers: dict[str, dict[str, list]] = {}
+        self.additional: dict[str, list] = {}
+
+    def clone(self):
+        c = Patcher(self.model)
+        c.wrappers = {t: {k: list(v) for k, v in d.items()} for t, d in self.wrappers.items()}
+        c.additional = dict(self.additional)
+        return c
+
+    def add_wrapper_with_key(self, wrapper_type, key, fn):
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(fn)
+
+    def remove_wrappers_with_key(self, wrapper_type, key):
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
+
+    def set_additional_models(self, key, models):
+        self.additional[key] = models
+
+    def get_model_object(self, name):
+        return getattr(self.model, name)
+
+    def all(self, wrapper_type):
+        return [fn for fns in self.wrappers.get(wrapper_type, {}).values() for fn in fns]
+
+
+class Guider:
+    """CFGGuider: ``__call__`` goes through PREDICT_NOISE wrappers; ``predict_noise`` does CFG over two calls."""
+
+    def __init__(self, patcher, cfg=2.0, extra_models=()):
+        self.model_patcher, self.inner_model, self.cfg = patcher, patcher.model, cfg
+        self.loaded_models = list(extra_models)
+
+    def predict_noise(self, x, sigma, model_options, seed):
+        cond = self.inner_model.apply_model(x, sigma, 1.0)
+        uncond = self.inner_model.apply_model(x, sigma, 0.5)
+        return uncond + (cond - uncond) * self.cfg
+
+    def __call__(self, x, sigma, model_options, seed):
+        return Executor(self.predict_noise, self, self.model_patcher.all(hook.PREDICT_NOISE))(x, sigma, model_options, seed)
+
+    def sample(self, noise, latent, sampler, sigmas, seed=0):
+        def outer(noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+            x = noise * sigmas[0] + latent_image
+            opts = {"transformer_options": {"sample_sigmas": sigmas}}
+            return sampler(lambda x_, s_: self(x_, s_, opts, seed), x, sigmas)
+
+        return Executor(outer, self, self.model_patcher.all(hook.OUTER_SAMPLE))(noise, latent, sampler, sigmas, None,
+                                                                                None, True, seed)
+
+
+@torch.no_grad()
+def euler(model, x, sigmas):
+    s_in = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m(model, x, sigmas):
+    s_in = x.new_ones(x.shape[0])
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            break
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old is None:
+            d = denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+        x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * d
+        old = denoised
+    return x
+
+
+class FirstStage(nn.Module):
+    """The VAE's module: latent (C, h, w) → image (3, 8h, 8w) in about [-1, 1]."""
+
+    def __init__(self, channels=4, poison=False):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, 3, 1)
+        self.poison = poison
+
+    def decode(self, z):
+        img = torch.tanh(self.proj(nn.functional.interpolate(z, scale_factor=8, mode="bilinear")))
+        return img * float("nan") if self.poison else img
+
+
+class Surrogate(nn.Module):
+    """A TAESD-like decoder: model-space latent in, image in [0, 1] out."""
+
+    def __init__(self, first_stage, fmt):
+        super().__init__()
+        self.first_stage, self.fmt = first_stage, fmt
+
+    def forward(self, z):
+        return (self.first_stage.decode(self.fmt.process_out(z)) + 1) / 2
+
+
+class VAE:
+    def __init__(self, channels=4, dtype=torch.float32, poison=False, latent_dim=2):
+        self.first_stage_model = FirstStage(channels, poison).to(dtype)
+        self.vae_dtype, self.latent_channels, self.downscale_ratio, self.latent_dim = dtype, channels, 8, latent_dim
+        self.patcher = object()
+
+
+STRONG = dict(zeta=3.0)   # the toy prior needs more than the default strength within 6 steps
+SIGMAS = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.4, 0.15, 0.0])
+
+
+def world(channels=4, vae_dtype=torch.float32, poison=False, control=False, fmt=None):
+    """Model, VAE and a clean picture, all made under inference mode (as ComfyUI loads them)."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inner = Inner(channels, fmt)
+        if control:
+            inner.control = Control(channels)
+        vae = VAE(channels, vae_dtype, poison)
+        z_true = torch.randn(1, channels, 4, 4)
+        clean = vae.first_stage_model.decode(inner.process_latent_out(z_true).to(vae_dtype)).float()
+    return Patcher(inner), vae, clean
+
+
+def as_image(x_nchw):
+    return ((x_nchw + 1) / 2).movedim(1, -1)
+
+
+def run(patcher, vae, sampler=euler, batch=1, seed=1, extra_models=()):
+    """Sample under inference mode; returns the decoded images in [-1, 1]."""
+    with torch.inference_mode():
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(batch, patcher.model.latent_format.latent_channels, 4, 4, generator=g)
+        guider = Guider(patcher, extra_models=extra_models)
+        latent = guider.sample(noise, torch.zeros_like(noise), sampler, SIGMAS)
+        fsm = vae.first_stage_model
+        return fsm.decode(patcher.model.process_latent_out(latent).to(vae.vae_dtype)).float()
+
+
+def residual(operator, y, images):
+    with torch.inference_mode():
+        return (operator(images) - y).flatten(1).norm(dim=1)
+
+
+def setup_sr(noise_sigma=0.0, **kw):
+    patcher, vae, clean = world(**kw)
+    with torch.inference_mode():
+        operator = ops.SuperResolution(factor=4)
+        noise = dps.noise.Gaussian(noise_sigma)
+        measurement = builders.measure(as_image(clean), operator, noise, seed=0)
+    return patcher, vae, clean, operator, noise, measurement
+
+
+# ---- tests ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", [euler, dpmpp_2m], ids=["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("rule,mode", [("dps", "full"), ("schedule", "full"), ("dps", "x0_only")])
+def test_guidance_lowers_the_measurement_residual(sampler, rule, mode):
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    zeta = {"dps": 3.0, "schedule": 10.0}[rule]
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(zeta=zeta, rule=rule, mode=mode))
+    plain = residual(operator, y, run(patcher, vae, sampler))
+    dps_res = residual(operator, y, run(guided, vae, sampler))
+    assert torch.isfinite(dps_res).all()
+    assert float(dps_res) < 0.6 * float(plain), (float(dps_res), float(plain))
+    distances = patch.last_run.distances
+    assert len(distances) == len(SIGMAS) - 1 and float(distances[-1][0]) < float(distances[0][0])
+
+
+def test_zero_strength_leaves_the_output_unchanged():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        off, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(zeta=0.0))
+    assert torch.equal(run(patcher, vae), run(off, vae))
+    assert patch.last_run.distances == []
+
+
+def test_start_end_window_outside_the_schedule_is_a_no_op():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        late, patch = hook.apply_dps(patcher, vae, measurement, operator, noise,
+                                     Settings(zeta=1.0, start_percent=0.999, end_percent=1.0))
+    assert torch.equal(run(patcher, vae), run(late, vae))
+
+
+def test_inference_weights_fail_without_the_adapter_and_later_plain_runs_still_work():
+    patcher, vae, clean, operator, noise, measurement = setup_sr(control=True)
+    inner = patcher.model
+    assert all(p.is_inference() for p in inner.parameters())
+    guidance = dps.DPSGuidance(operator, noise, torch.zeros(1, 3, 8, 8))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        x = torch.randn(1, 4, 4, 4)
+        guidance.evaluate(x, lambda x_: inner.apply_model(x_, torch.ones(1)))
+    before = run(patcher, vae)
+    with torch.inference_mode():
+        guided, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings())
+    run(guided, vae)
+    assert not any(p.is_inference() for p in inner.parameters())       # the ControlNet-like part too
+    after = run(patcher, vae)                                           # the same model, unpatched, next prompt
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_per_sample_residuals_with_a_batch():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(**STRONG))
+    plain = residual(operator, y, run(patcher, vae, batch=3))
+    dps_res = residual(operator, y, run(guided, vae, batch=3))
+    assert dps_res.shape == (3,) and bool((dps_res < 0.6 * plain).all())
+    assert patch.last_run.distances[0].shape == (3,)
+
+
+def test_patch_lives_on_a_clone_and_is_not_stacked():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        once, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings())
+        twice, _ = hook.apply_dps(once, vae, measurement, operator, noise, Settings())
+    assert patcher.wrappers == {} and patcher.additional == {}
+    for wrapper_type in (hook.PREDICT_NOISE, hook.OUTER_SAMPLE):
+        assert len(twice.wrappers[wrapper_type]["dps"]) == 1
+    assert twice.additional["dps_vae"] == [vae.patcher]
+
+
+def test_decode_undoes_the_latent_format():
+    patcher, vae, clean, operator, noise, measurement = setup_sr(fmt=LatentFormat(scale=0.25, shift=-0.3))
+    with torch.inference_mode():
+        _, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings())
+        patch._inner = patcher.model
+        z = torch.randn(1, 4, 4, 4)
+        expected = vae.first_stage_model.decode(z / 0.25 - 0.3)
+        torch.testing.assert_close(patch._decode(z), expected)
+
+
+def test_fp32_decode_of_a_bf16_vae_and_the_shared_vae_is_untouched():
+    patcher, vae, clean, operator, noise, measurement = setup_sr(vae_dtype=torch.bfloat16)
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(precision="fp32", **STRONG))
+    plain = residual(operator, y, run(patcher, vae))
+    dps_res = residual(operator, y, run(guided, vae))
+    assert float(dps_res) < 0.6 * float(plain)
+    assert all(p.dtype == torch.bfloat16 for p in vae.first_stage_model.parameters())
+    assert all(p.dtype == torch.float32 for p in patch.last_run.decoder_copy.parameters())
+
+
+def test_surrogate_decoder_is_used_instead_of_the_vae():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        # A "TAESD" that takes model-space latents and returns [0, 1]: the VAE's module in disguise.
+        surrogate = Surrogate(vae.first_stage_model, patcher.model.latent_format)
+        broken = VAE(poison=True)                                  # would give NaN if it were used
+        guided, _ = hook.apply_dps(patcher, broken, measurement, operator, noise, Settings(**STRONG), surrogate=surrogate)
+    assert "dps_vae" not in guided.additional
+    assert float(residual(operator, y, run(guided, vae))) < 0.6 * float(residual(operator, y, run(patcher, vae)))
+
+
+def test_measurement_that_does_not_fit_the_latent_is_refused_before_sampling():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    calls = []
+    with torch.inference_mode():
+        wrong = torch.zeros(1, 16, 16, 3)                          # SR x4 of a 32x32 image is 8x8
+        guided, _ = hook.apply_dps(patcher, vae, wrong, operator, noise, Settings())
+        guided.add_wrapper_with_key(hook.PREDICT_NOISE, "spy", lambda ex, *a: calls.append(1) or ex(*a))
+    with pytest.raises(ValueError, match="Resize the measurement to 8x8"):
+        run(guided, vae)
+    assert calls == []
+
+
+def test_mask_of_the_wrong_size_is_a_node_error():
+    patcher, vae, clean, _, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        image = as_image(clean)                                    # 32x32
+        operator = builders.inpainting(builders.box_mask(24, 24, 8, 8, 2, seed=0))
+        with pytest.raises(ValueError, match="mask is 24x24 but the measurement image is 32x32"):
+            hook.apply_dps(patcher, vae, image, operator, noise, Settings())
+
+
+def test_inpainting_restores_the_measured_pixels():
+    patcher, vae, clean, _, noise, _ = setup_sr()
+    with torch.inference_mode():
+        mask = builders.box_mask(32, 32, 12, 12, 2, seed=3)
+        operator = builders.inpainting(mask)
+        measurement = builders.measure(as_image(clean), operator, noise, seed=0)
+        guided, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(**STRONG))
+    y = measurement.movedim(-1, 1) * 2 - 1
+    assert float(residual(operator, y, run(guided, vae))) < 0.6 * float(residual(operator, y, run(patcher, vae)))
+
+
+def test_vae_with_other_latent_channels_is_a_node_error():
+    patcher, _, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode(), pytest.raises(ValueError, match="VAE has 16 latent channels but the model uses 4"):
+        hook.apply_dps(patcher, VAE(channels=16), measurement, operator, noise, Settings())
+
+
+def test_video_model_is_a_node_error():
+    patcher, vae, clean, operator, noise, measurement = setup_sr(fmt=LatentFormat(dims=3))
+    with torch.inference_mode(), pytest.raises(ValueError, match="video"):
+        hook.apply_dps(patcher, vae, measurement, operator, noise, Settings())
+
+
+def test_non_finite_gradient_stops_with_advice():
+    patcher, _, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        guided, _ = hook.apply_dps(patcher, VAE(poison=True), measurement, operator, noise, Settings())
+    with pytest.raises(dps.GuidanceDivergedError, match="Lower zeta"):
+        run(guided, VAE())
+
+
+def test_interrupt_stops_at_the_next_guided_step():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    calls = []
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) > 2:
+            raise Interrupted
+
+    with torch.inference_mode():
+        guided, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(), interrupt=interrupt)
+    with pytest.raises(Interrupted):
+        run(guided, vae)
+    assert len(calls) == 3
+
+
+def test_bad_settings_and_sockets_name_the_fix():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        Settings(start_percent=0.8, end_percent=0.2)
+    with pytest.raises(ValueError, match="DPS operator node"):
+        hook.apply_dps(patcher, vae, measurement, "bicubic", noise, Settings())
+    with pytest.raises(ValueError, match="kernel image is 4x4"):
+        builders.motion_blur(61, 0.5, 0, torch.ones(1, 4, 4, 3))
+
+
+def test_measure_node_values():
+    with torch.inference_mode():
+        image = torch.rand(2, 32, 48, 3)
+        y = builders.measure(image, builders.compose(ops.Grayscale(), ops.SuperResolution(factor=2)),
+                             dps.noise.Gaussian(0.0), seed=0)
+        mask = builders.random_mask(48, 32, 0.5, seed=1)
+        op = builders.inpainting(mask)
+    assert y.shape == (2, 16, 24, 3) and torch.equal(y[..., 0], y[..., 1])
+    assert mask.shape == (1, 32, 48) and float(mask.mean()) == pytest.approx(0.5, abs=1 / (32 * 48))
+    assert op.mask.shape[-2:] == (32, 48)
