@@ -1,0 +1,323 @@
+"""Where DPS meets the WebUI's sampler. Host-free: every host object arrives as an argument, so the
+tests drive these with fakes of the host contracts (see ``../shared/notes/webui-internals.md``).
+
+* AUTOMATIC1111: ``DenoiserWrapper`` replaces ``forward`` on the sampler's CFG-denoiser *instance*
+  (``p.sampler.model_wrap_cfg``), the shape of k-diffusion's ``make_cond_model_fn``: the host samples
+  under ``torch.no_grad``; the wrapper re-enables grad on a copy of x, runs the host's own forward (UNet,
+  CFG, mask blend) and the VAE's decoder module, and returns the corrected prediction, detached.
+* Forge: ``post_cfg_function`` is a ``sampler_post_cfg_function`` for a cloned UNet patcher. Forge
+  samples under ``torch.inference_mode`` with inference-tensor weights, so the gradient is taken with
+  respect to x̂0 only (mode "x0_only") through ``autograd_copy`` of the VAE decoder.
+
+Errors inside a sampling step never reach the host: the step is returned unguided, guidance is switched
+off for the rest of the job, and the message is kept for the console and the infotext (``Job``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dps.guidance import DPSGuidance, denoised_correction, vp_x0_jacobian, x0_jacobian
+
+Log = Callable[[str], None]
+
+
+def console(message: str) -> None:
+    print(f"[DPS Guidance] {message}", file=sys.stderr)
+
+
+@dataclass
+class Job:
+    """Per-generation state shared by the script and its hooks: notes and the first error for the
+    infotext, and the last measured distance per sample (for the console summary)."""
+
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    guided_calls: int = 0
+    skipped_calls: int = 0
+    first_distance: torch.Tensor | None = None
+    last_distance: torch.Tensor | None = None
+    log: Log = console
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            self.log(message)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.log(f"guidance switched off for the rest of this job after an error: {self.error}")
+
+    def record(self, distance: torch.Tensor, skipped: bool) -> None:
+        self.guided_calls += 1
+        self.skipped_calls += int(skipped)
+        if self.first_distance is None:
+            self.first_distance = distance.detach().cpu()
+        self.last_distance = distance.detach().cpu()
+
+
+class SigmaClock:
+    """Sampling progress (0 at the first call, 1 at the end) and the step's σ decrease, from the noise
+    level the denoiser is called with.
+
+    ``kind="sigma"`` (k-diffusion): progress in log σ from the first σ seen to the smallest positive σ of
+    ``schedule`` (or ``sigma_min``). ``kind="timestep"`` (DDIM, PLMS, UniPC: "sigma" is the timestep t):
+    progress linear in t down to 0. ``schedule`` (descending σs, as ``get_sigmas`` returns them) also
+    gives Δσ to the next σ, which the Euler-calibrated rules need; without it Δσ is None.
+    """
+
+    def __init__(self, kind: str = "sigma", schedule: torch.Tensor | None = None,
+                 sigma_min: float | None = None) -> None:
+        if kind not in ("sigma", "timestep"):
+            raise ValueError(f"kind must be 'sigma' or 'timestep', got {kind!r}")
+        self.kind = kind
+        self.schedule: list[float] | None = None
+        self.sigma_min = sigma_min
+        self.top: float | None = None
+        self.last_t: float | None = None
+        if schedule is not None:
+            self.set_schedule(schedule)
+
+    def set_schedule(self, schedule: torch.Tensor) -> None:
+        self.schedule = sorted((float(s) for s in torch.as_tensor(schedule).flatten()), reverse=True)
+        self.top = None
+
+    def reset(self) -> None:
+        self.top = None
+        self.last_t = None
+
+    def observe(self, sigma: float) -> tuple[float, float | None]:
+        if self.top is None or sigma > self.top:
+            self.top = sigma
+        if self.kind == "timestep":
+            # DDIM/PLMS/UniPC call the denoiser once per step on an evenly spaced grid of t: the last
+            # decrease of t predicts the next one (None at the first call).
+            last, self.last_t = self.last_t, sigma
+            delta_t = last - sigma if last is not None and last > sigma else None
+            return (self.top - sigma) / self.top if self.top > 0 else 1.0, delta_t
+        positive = [s for s in (self.schedule or []) if s > 0]
+        bottom = min(positive) if positive else self.sigma_min
+        if bottom is None or bottom <= 0 or self.top <= bottom or sigma <= 0:
+            progress = 0.0 if sigma >= self.top else 1.0
+        else:
+            progress = (math.log(self.top) - math.log(max(sigma, bottom))) / (math.log(self.top) - math.log(bottom))
+        delta = None
+        if self.schedule:
+            below = [s for s in self.schedule if s < sigma * (1 - 1e-4)]
+            delta = sigma - below[0] if below else None
+        return min(max(progress, 0.0), 1.0), delta
+
+
+def sigma_correction(guidance: DPSGuidance, grad: torch.Tensor, x: torch.Tensor, sigma: float,
+                     delta: float | None) -> torch.Tensor:
+    """The change of D(x, σ) that applies the DPS step (σ-space; ``dps.sampling.GuidedDenoiser``'s math)."""
+    if guidance.mode == "x0_only":
+        grad = grad * x0_jacobian(sigma, guidance.sigma_data)
+    correction = denoised_correction(grad, sigma, delta, guidance.rule, guidance.zeta)
+    scale = (delta / sigma) if delta else 1.0
+    return guidance.check_step(correction * scale, x) / scale
+
+
+def eps_correction(guidance: DPSGuidance, grad: torch.Tensor, x: torch.Tensor, alpha_cumprod: float,
+                   alpha_cumprod_next: float | None) -> torch.Tensor:
+    """The change δ of ε̂ that applies the DPS step in timestep samplers (DDIM family), ``ε' = ε + δ``.
+
+    Rules "dps"/"dps_paper" with the next ᾱ known: DDIM is Euler in σ = √((1−ᾱ)/ᾱ) on x/√ᾱ, and
+    ``δ = ζ∇d / (Δσ √ᾱ_next)`` moves one deterministic DDIM step by exactly −ζ∇d (x-space DPS).
+    Otherwise (rule "schedule", or the first step) the score form ``δ = ζ √(1−ᾱ) ∇d``
+    (∇log p(y|x_t) ≈ −ζ∇d enters ε as −√(1−ᾱ)·score; Dhariwal & Nichol 2021, eq. 14).
+    """
+    if guidance.mode == "x0_only":
+        grad = grad * vp_x0_jacobian(alpha_cumprod, guidance.sigma_data)
+    step = guidance.check_step(guidance.zeta * grad, x)
+    if guidance.rule == "schedule" or alpha_cumprod_next is None:
+        return math.sqrt(1.0 - alpha_cumprod) * step
+    sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+    sigma_next = math.sqrt(max(1 - alpha_cumprod_next, 0.0) / alpha_cumprod_next)
+    if sigma <= sigma_next:
+        return math.sqrt(1.0 - alpha_cumprod) * step
+    return step / ((sigma - sigma_next) * math.sqrt(alpha_cumprod_next))
+
+
+def _detach_attr(obj, name: str) -> None:
+    value = getattr(obj, name, None)
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        setattr(obj, name, value.detach())
+
+
+class DenoiserWrapper:
+    """Instance-level replacement of ``CFGDenoiser.forward(x, sigma, uncond, cond, cond_scale,
+    s_min_uncond, image_cond)`` (A1111). Install with ``install``; a second install on the same denoiser
+    updates the existing wrapper (img2img reuses its sampler; hires fix calls the hook again)."""
+
+    def __init__(self, denoiser, guidance: DPSGuidance, job: Job, clock: SigmaClock,
+                 after_call: Callable[[], None] | None = None) -> None:
+        self.denoiser = denoiser
+        self.guidance = guidance
+        self.job = job
+        self.clock = clock
+        self.after_call = after_call
+        self.enabled = True
+        self.previous = denoiser.__dict__.get("forward")  # an instance-level forward someone set before us
+        self.timesteps = getattr(denoiser, "alphas", None) is not None  # CFGDenoiserTimesteps returns eps
+        if self.timesteps:
+            clock.kind = "timestep"
+
+    @classmethod
+    def install(cls, denoiser, guidance: DPSGuidance, job: Job, clock: SigmaClock,
+                after_call: Callable[[], None] | None = None) -> "DenoiserWrapper":
+        current = denoiser.__dict__.get("forward")
+        if isinstance(current, cls):
+            current.guidance, current.job, current.clock, current.after_call = guidance, job, clock, after_call
+            if current.timesteps:
+                clock.kind = "timestep"
+            current.enabled = True
+            return current
+        wrapper = cls(denoiser, guidance, job, clock, after_call)
+        denoiser.forward = wrapper
+        return wrapper
+
+    @staticmethod
+    def uninstall(denoiser) -> None:
+        current = denoiser.__dict__.get("forward")
+        if isinstance(current, DenoiserWrapper):
+            if current.previous is None:
+                del denoiser.__dict__["forward"]
+            else:
+                denoiser.forward = current.previous
+
+    def original(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.denoiser).forward(self.denoiser, *args, **kwargs)
+
+    def __call__(self, x, sigma, *args, **kwargs):
+        s = float(torch.as_tensor(sigma).flatten()[0])
+        progress, delta = self.clock.observe(s)
+        if not self.enabled or s <= 0 or not self.guidance.active(progress):
+            return self.original(x, sigma, *args, **kwargs)
+        holder: dict = {}
+        try:
+            return self._guided(x, sigma, s, delta, holder, args, kwargs)
+        except Exception as exc:  # never BaseException: the host's InterruptedException must pass
+            self.enabled = False
+            self.job.fail(exc)
+            self._clean_side_outputs()
+            if "out" in holder:
+                return holder["out"].detach()
+            with torch.no_grad():
+                return self.original(x, sigma, *args, **kwargs)
+
+    def _guided(self, x, sigma, s, delta, holder, args, kwargs):
+        def x0_fn(x_):
+            out = self.original(x_, sigma, *args, **kwargs)
+            holder["out"] = out
+            return self.denoiser.get_pred_x0(x_, out, sigma) if self.timesteps else out
+
+        result = self.guidance.evaluate(x, x0_fn)
+        self._clean_side_outputs()
+        out = holder["out"].detach()
+        self.job.record(result.distance, result.skipped)
+        if self.timesteps:
+            alphas = self.denoiser.alphas
+            t = int(round(s))
+            t_next = None if delta is None else t - int(round(delta))
+            next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
+            return out + eps_correction(self.guidance, result.grad, x, float(alphas[t]), next_ac).to(out.dtype)
+        return out + sigma_correction(self.guidance, result.grad, x, s, delta).to(out.dtype)
+
+    def _clean_side_outputs(self) -> None:
+        # The host keeps the cond x̂0 for interrupts and the live preview; a graph there would leak into
+        # the preview thread (``.numpy()`` on a grad tensor) and keep the UNet graph alive.
+        _detach_attr(getattr(self.denoiser, "sampler", None), "last_latent")
+        if self.after_call is not None:
+            self.after_call()
+
+
+def vae_decoder(get_model: Callable[[], object]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Differentiable latent -> image in [-1, 1] through the VAE's own decoder module (A1111: ldm/sgm
+    ``first_stage_model.decode``; the host's ``decode_first_stage`` is ``@torch.no_grad``). The model is
+    fetched per call because the SDXL refiner swaps it mid-run."""
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        model = get_model()
+        vae = model.first_stage_model
+        first = next(iter(vae.parameters()), None)
+        if getattr(model, "is_sd3", False) and hasattr(model, "latent_format"):
+            z = model.latent_format.process_out(z)
+        else:
+            z = z / model.scale_factor
+        if first is not None:
+            z = z.to(device=first.device, dtype=first.dtype)
+        return vae.decode(z)
+
+    return decode
+
+
+def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` autograd can differentiate through: built outside inference mode, so its
+    parameters are ordinary tensors (Forge loads weights under ``torch.inference_mode``; a backward that
+    saves an inference tensor fails). Parameters are frozen: only input gradients are needed."""
+    with torch.inference_mode(False):
+        clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone
+
+
+def forge_decoder(vae_patcher) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
+    """Decoder for Forge: ``first_stage_model.decode(process_out(z))`` on an autograd copy, cached on the
+    VAE patcher so that one copy serves the whole session (until the checkpoint changes)."""
+    source = vae_patcher.first_stage_model
+    cached = getattr(vae_patcher, "_dps_autograd_decoder", None)
+    if cached is None or cached[0] is not source:
+        cached = (source, autograd_copy(source))
+        vae_patcher._dps_autograd_decoder = cached
+    module = cached[1]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        first = next(iter(module.parameters()), None)
+        if first is not None and first.device != z.device:
+            module.to(z.device)
+            first = next(iter(module.parameters()))
+        z = module.process_out(z) if hasattr(module, "process_out") else z
+        if first is not None:
+            z = z.to(first.dtype)
+        return module.decode(z)
+
+    return decode, module
+
+
+def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Callable[[dict], torch.Tensor]:
+    """A Forge/ComfyUI ``sampler_post_cfg_function``: ``args`` holds ``input`` (x), ``sigma`` and
+    ``denoised`` (x̂0 after CFG); returns the guided x̂0. Mode "x0_only" (the gradient w.r.t. x̂0)."""
+    if guidance.mode != "x0_only":
+        raise ValueError("the post-CFG hook differentiates with respect to x0_hat only; build the guidance "
+                         "with mode='x0_only'")
+    state = {"enabled": True}
+
+    def dps_post_cfg(args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        s = float(torch.as_tensor(args["sigma"]).flatten()[0])
+        progress, delta = clock.observe(s)
+        if not state["enabled"] or s <= 0 or not guidance.active(progress):
+            return denoised
+        try:
+            x = args["input"]
+            result = guidance.evaluate(x, lambda _x: denoised)
+            job.record(result.distance, result.skipped)
+            correction = sigma_correction(guidance, result.grad, x, s, delta)
+            return denoised + correction.to(device=denoised.device, dtype=denoised.dtype)
+        except Exception as exc:  # never BaseException (interrupts)
+            state["enabled"] = False
+            job.fail(exc)
+            return denoised
+
+    dps_post_cfg.dps_guidance = True  # marks ours, so re-hooking replaces instead of stacking
+    return dps_post_cfg

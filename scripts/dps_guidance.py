@@ -1,0 +1,291 @@
+"""DPS Guidance for the Stable Diffusion WebUI (AUTOMATIC1111 and Forge): an always-visible accordion
+in txt2img and img2img that steers the host's own sampler towards a measurement (Chung et al. 2023).
+
+The WebUI imports only ``scripts/*.py`` and puts the extension root on ``sys.path`` while doing so, so
+``dps`` (the core) and ``dps_webui`` (the host-free adapter) are imported here, at module level.
+Outside a WebUI (no ``modules``), this file defines nothing and does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dps.guidance import DPSGuidance
+from dps_webui import hooks, measure
+from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, RULES, SOURCES, SR_FILTERS, TASKS,
+                                DPSSettings, build_noise, build_operator, parse_infotext, replace)
+
+try:
+    import gradio as gr
+    from modules import scripts, shared
+except ImportError:  # not inside the WebUI
+    scripts = None
+
+try:
+    from modules.ui_components import InputAccordion
+except ImportError:
+    InputAccordion = None
+try:
+    from modules import images as host_images
+except ImportError:
+    host_images = None
+try:
+    from modules import lowvram as host_lowvram
+except ImportError:
+    host_lowvram = None
+
+TITLE = "DPS Guidance"
+ERROR_KEY = "DPS error"
+# SD latents are scaled (scale_factor) to unit variance: the prior std that mode "x0_only" assumes.
+LATENT_SIGMA_DATA = 1.0
+
+
+def _paste(name: str):
+    return lambda params: parse_infotext(params.get(INFOTEXT_KEY)).get(name)
+
+
+def _low_vram(p) -> bool:
+    if host_lowvram is not None and hasattr(host_lowvram, "is_enabled"):
+        try:
+            return bool(host_lowvram.is_enabled(p.sd_model))
+        except Exception:
+            pass
+    opts = getattr(shared, "cmd_opts", None)
+    return bool(getattr(opts, "medvram", False) or getattr(opts, "lowvram", False))
+
+
+def _unet_forward_replaced(sd_model) -> bool:
+    """ControlNet (and others) replace the UNet's forward on the instance and run parts of it under no_grad."""
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    return unet is not None and ("_original_forward" in vars(unet) or "forward" in vars(unet))
+
+
+def _fit(p, image, width: int, height: int):
+    """Resize an init image (or mask) the way img2img resizes it, so y lines up with the init latent."""
+    if not hasattr(image, "crop") or host_images is None:
+        return image
+    if getattr(p, "inpaint_full_res", False) and getattr(p, "paste_to", None) and getattr(p, "image_mask", None):
+        x, y, w, h = p.paste_to
+        return host_images.resize_image(2, image.crop((x, y, x + w, y + h)), width, height)
+    return host_images.resize_image(getattr(p, "resize_mode", 0), image, width, height)
+
+
+class JobState:
+    """What one generation needs: settings, the hooks' shared Job, and guidance built per image size."""
+
+    def __init__(self, settings: DPSSettings) -> None:
+        self.settings = settings
+        self.job = hooks.Job()
+        self.guidance: dict[tuple[int, int, bool], DPSGuidance] = {}
+        self.y_hash: str | None = None
+
+
+if scripts is not None:
+
+    class DPSGuidanceScript(scripts.Script):
+        def title(self):
+            return TITLE
+
+        def show(self, is_img2img):
+            return scripts.AlwaysVisible
+
+        def ui(self, is_img2img):
+            d = DEFAULTS
+            c: dict = {}
+            if InputAccordion is not None:
+                accordion = InputAccordion(False, label=TITLE, elem_id=self.elem_id("dps_enabled"))
+                c["enabled"] = accordion
+            else:
+                accordion = gr.Accordion(TITLE, open=False)
+            with accordion:
+                if InputAccordion is None:
+                    c["enabled"] = gr.Checkbox(label="Enable", value=False)
+                with gr.Row():
+                    c["task"] = gr.Dropdown(label="Task (operator A)", choices=list(TASKS), value=d.task)
+                    c["source"] = gr.Radio(label="Measurement y from", choices=list(SOURCES),
+                                           value="init image" if is_img2img else "upload")
+                with gr.Row():
+                    c["sr_factor"] = gr.Slider(label="Super-resolution factor", minimum=1, maximum=16, step=1,
+                                               value=d.sr_factor)
+                    c["sr_filter"] = gr.Dropdown(label="Downsampling filter", choices=list(SR_FILTERS),
+                                                 value=d.sr_filter)
+                with gr.Row():
+                    c["blur_kernel"] = gr.Slider(label="Blur kernel size", minimum=3, maximum=121, step=2,
+                                                 value=d.blur_kernel)
+                    c["blur_sigma"] = gr.Slider(label="Gaussian blur sigma (px)", minimum=0.1, maximum=20.0,
+                                                step=0.1, value=d.blur_sigma)
+                    c["motion_intensity"] = gr.Slider(label="Motion blur intensity", minimum=0.0, maximum=1.0,
+                                                      step=0.05, value=d.motion_intensity)
+                    c["motion_seed"] = gr.Number(label="Motion kernel seed", value=d.motion_seed, precision=0)
+                    c["phase_oversample"] = gr.Slider(label="Phase retrieval oversampling", minimum=1.0,
+                                                      maximum=4.0, step=0.25, value=d.phase_oversample)
+                with gr.Row():
+                    c["image"] = gr.Image(label="Measurement (the degraded image)", type="pil")
+                    c["mask"] = gr.Image(label="Inpainting mask (white = missing; img2img's mask if empty)",
+                                         type="pil")
+                c["simulate"] = gr.Checkbox(label="The image is clean: simulate y = A(x) + noise (for testing)",
+                                            value=d.simulate)
+                with gr.Row():
+                    c["noise"] = gr.Dropdown(label="Measurement noise", choices=list(NOISES), value=d.noise)
+                    c["noise_sigma"] = gr.Slider(label="Gaussian sigma (on [-1, 1])", minimum=0.0, maximum=1.0,
+                                                 step=0.005, value=d.noise_sigma)
+                    c["poisson_rate"] = gr.Slider(label="Poisson rate", minimum=0.01, maximum=10.0, step=0.01,
+                                                  value=d.poisson_rate)
+                with gr.Row():
+                    c["zeta"] = gr.Slider(label="Strength zeta", minimum=0.0, maximum=10.0, step=0.05,
+                                          value=d.zeta)
+                    c["rule"] = gr.Dropdown(label="Step rule", choices=list(RULES), value=d.rule)
+                    c["mode"] = gr.Radio(label="Gradient", choices=["full", "x0_only"], value=d.mode)
+                with gr.Row():
+                    c["start"] = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0,
+                                           step=0.01, value=d.start)
+                    c["end"] = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0,
+                                         step=0.01, value=d.end)
+            self.infotext_fields = [(c["enabled"], lambda params: INFOTEXT_KEY in params)]
+            self.infotext_fields += [(c[n], _paste(n)) for n in ARG_NAMES if n not in ("enabled", "image", "mask")]
+            self.paste_field_names = [INFOTEXT_KEY]
+            return [c[n] for n in ARG_NAMES]
+
+        def process(self, p, *args):
+            p.dps_state = None
+            try:
+                settings = DPSSettings.from_args(args)
+            except (ValueError, TypeError) as exc:
+                if args and args[0]:
+                    hooks.console(str(exc))
+                    p.extra_generation_params[ERROR_KEY] = str(exc)
+                return
+            if settings.enabled:
+                p.dps_state = JobState(settings)
+
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            state = getattr(p, "dps_state", None)
+            if state is None:
+                return
+            job = state.job
+            p.extra_generation_params[NOTE_KEY] = lambda **_: "; ".join(job.notes) or None
+            p.extra_generation_params[ERROR_KEY] = lambda **_: job.error
+            if getattr(p, "is_hr_pass", False):
+                job.note("not applied in the hires-fix pass (the measurement fits the first pass)")
+                return
+            try:
+                forge = hasattr(p.sd_model, "forge_objects")
+                guidance = self._guidance(p, state, forge)
+                p.extra_generation_params[INFOTEXT_KEY] = replace(state.settings, mode=guidance.mode).to_infotext(
+                    state.y_hash)
+                if forge:
+                    self._hook_forge(p, guidance, job)
+                else:
+                    self._hook_a1111(p, guidance, job)
+            except Exception as exc:  # the WebUI would only log it; say so in the infotext too
+                job.fail(exc)
+
+        def postprocess(self, p, processed, *args):
+            state = getattr(p, "dps_state", None)
+            sampler = getattr(p, "sampler", None)
+            if sampler is not None and hasattr(sampler, "model_wrap_cfg"):
+                hooks.DenoiserWrapper.uninstall(sampler.model_wrap_cfg)
+            if state is not None and state.job.last_distance is not None:
+                job = state.job
+                hooks.console(f"measurement distance {job.first_distance.mean():.4g} -> {job.last_distance.mean():.4g}"
+                              f" over {job.guided_calls} guided denoiser calls ({job.skipped_calls} skipped)")
+
+        # -- building blocks -------------------------------------------------------------------------------
+
+        def _guidance(self, p, state: JobState, forge: bool) -> DPSGuidance:
+            settings, job = state.settings, state.job
+            mode = settings.mode
+            if forge and mode == "full":
+                mode = "x0_only"
+                job.note("x0_only: Forge samples under inference mode with inference-tensor weights; "
+                         "the full gradient through the UNet is not supported there")
+            elif not forge and mode == "full" and _low_vram(p):
+                mode = "x0_only"
+                job.note("x0_only: --medvram/--lowvram moves the UNet off the GPU while the VAE decodes, "
+                         "which breaks a backward through both")
+            elif not forge and mode == "full" and _unet_forward_replaced(p.sd_model):
+                mode = "x0_only"
+                job.note("x0_only: another extension (e.g. ControlNet) replaced the UNet's forward and runs it "
+                         "partly without gradients")
+            key = (p.height, p.width, forge, mode)
+            if key not in state.guidance:
+                operator, y = self._measurement(p, settings, p.height, p.width)
+                state.y_hash = measure.measurement_hash(y)
+                if forge:
+                    decoder, _ = hooks.forge_decoder(p.sd_model.forge_objects.vae)
+                else:
+                    decoder = hooks.vae_decoder(lambda: getattr(shared, "sd_model", None) or p.sd_model)
+                state.guidance[key] = DPSGuidance(operator, build_noise(settings), y, zeta=settings.zeta,
+                                                  rule=settings.rule, mode=mode, decoder=decoder,
+                                                  start=settings.start, end=settings.end, on_nonfinite="skip",
+                                                  sigma_data=LATENT_SIGMA_DATA)
+            return state.guidance[key]
+
+        def _measurement(self, p, settings: DPSSettings, height: int, width: int):
+            mask = None
+            if settings.task == "inpainting":
+                source_mask = measure.decode_image(settings.mask)
+                invert = False
+                if source_mask is None:
+                    source_mask = getattr(p, "image_mask", None)
+                    invert = bool(getattr(p, "inpainting_mask_invert", 0))
+                if source_mask is None:
+                    build_operator(settings)  # raises the error that names the fix
+                mask = measure.mask_to_tensor(_fit(p, source_mask, width, height), height, width, invert)
+            operator = build_operator(settings, mask)
+            if settings.source == "init image":
+                if not getattr(p, "init_images", None):
+                    raise ValueError("DPS: 'Measurement y from' is 'init image' but there is no init image "
+                                     "(txt2img?); upload the measurement in the DPS accordion and choose 'upload'")
+                image = p.init_images[0]
+            else:
+                image = measure.decode_image(settings.image)
+                if image is None:
+                    raise ValueError("DPS: no measurement image; upload the degraded image in the DPS accordion, "
+                                     "or in img2img choose 'init image'")
+            h, w = height, width
+            if settings.task == "super_resolution" and not settings.simulate:
+                h, w = height // settings.sr_factor, width // settings.sr_factor
+            tensor = measure.image_to_tensor(_fit(p, image, w, h) if settings.source == "init image" else image)
+            seed = getattr(p, "seed", 0)
+            generator = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) and seed >= 0 else 0)
+            return operator, measure.make_measurement(settings, operator, tensor, height, width, generator)
+
+        def _hook_a1111(self, p, guidance: DPSGuidance, job: hooks.Job) -> None:
+            sampler = p.sampler
+            denoiser = sampler.model_wrap_cfg
+            sigma_min = getattr(getattr(denoiser, "inner_model", None), "sigma_min", None)
+            clock = hooks.SigmaClock("sigma", sigma_min=float(sigma_min) if sigma_min is not None else None)
+            _capture_schedule(sampler, clock)
+
+            def detach_preview() -> None:
+                hooks._detach_attr(getattr(shared, "state", None), "current_latent")
+
+            hooks.DenoiserWrapper.install(denoiser, guidance, job, clock, after_call=detach_preview)
+
+        def _hook_forge(self, p, guidance: DPSGuidance, job: hooks.Job) -> None:
+            clock = hooks.SigmaClock("sigma")
+            if getattr(p, "sampler", None) is not None:
+                _capture_schedule(p.sampler, clock)
+            unet = p.sd_model.forge_objects.unet.clone()
+            options = unet.model_options
+            options["sampler_post_cfg_function"] = [
+                f for f in options.get("sampler_post_cfg_function", []) if not getattr(f, "dps_guidance", False)]
+            unet.set_model_sampler_post_cfg_function(hooks.post_cfg_function(guidance, job, clock))
+            p.sd_model.forge_objects.unet = unet
+
+
+def _capture_schedule(sampler, clock: hooks.SigmaClock) -> None:
+    """Let ``clock`` see the σ schedule the sampler builds (``get_sigmas``), wrapping it once per sampler
+    instance, so that the Euler-calibrated rules know the step's Δσ."""
+    sampler.dps_clock = clock
+    if "get_sigmas" in vars(sampler) or not hasattr(sampler, "get_sigmas"):
+        return
+    original = sampler.get_sigmas
+
+    def get_sigmas(*args, **kwargs):
+        sigmas = original(*args, **kwargs)
+        sampler.dps_clock.set_schedule(sigmas)
+        return sigmas
+
+    sampler.get_sigmas = get_sigmas
