@@ -463,3 +463,20 @@ def test_measure_node_values():
     assert y.shape == (2, 16, 24, 3) and torch.equal(y[..., 0], y[..., 1])
     assert mask.shape == (1, 32, 48) and float(mask.mean()) == pytest.approx(0.5, abs=1 / (32 * 48))
     assert op.mask.shape[-2:] == (32, 48)
+
+
+def test_example_workflows_wire_dps_into_a_sampler():
+    import json
+    paths = sorted((ROOT / "example_workflows").glob("*.json"))
+    names = " ".join(p.name for p in paths)
+    for task in ("super_resolution", "inpainting", "deblur_controlnet", "storyboard"):
+        assert task in names
+    for path in paths:
+        workflow = json.loads(path.read_text())
+        for node in workflow.values():
+            for value in node["inputs"].values():
+                if isinstance(value, list):
+                    assert value[0] in workflow, (path.name, value)
+        applies = [k for k, v in workflow.items() if v["class_type"] == "DPSApply"]
+        assert applies and any(v["class_type"] == "KSampler" and v["inputs"]["model"][0] in applies
+                               for v in workflow.values()), path.name

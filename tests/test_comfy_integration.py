@@ -1,0 +1,259 @@
+"""The node pack in a real ComfyUI: in process (ComfyUI's loaders, KSampler, SamplerCustomAdvanced) and through
+its HTTP API (server started headless on 127.0.0.1 by the test, killed after).
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout whose requirements are installed) and runs ComfyUI with
+``COMFYUI_PYTHON`` (default: this Python). CPU torch without a matching torchvision: put a stub package on
+``PYTHONPATH`` (see README, ComfyUI section). The UNet is a tiny random SD1.5-detectable one written at test
+time; the VAE is the real TAESD from ../shared/assets/taesd. Random weights are no image prior, so the tests
+check mechanics and the data term, not picture quality: the guided result's measurement residual must be
+clearly below the unguided one at the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TAESD
+
+COMFY = os.environ.get("COMFYUI_PATH")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+DRIVER = Path(__file__).with_name("comfy_host_driver.py")
+STRENGTH = 10.0   # a random UNet and 4 steps need a firm pull to show in the residual (see module docstring)
+
+pytestmark = [
+    pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout with its requirements installed "
+                                         "(and COMFYUI_PYTHON to its Python) to run the real-host tests"),
+    pytest.mark.skipif(not (TAESD / "taesd_decoder.safetensors").exists(),
+                       reason=f"TAESD weights not found at {TAESD} (../shared beside the checkout)"),
+]
+
+HELPERS = '''
+"""Test-only nodes written by tests/test_comfy_integration.py: zero conditioning, a test picture, residuals."""
+import torch
+
+class DPSTestZeroCond:
+    RETURN_TYPES = ("CONDITIONING",); FUNCTION = "run"; CATEGORY = "testing"
+    @classmethod
+    def INPUT_TYPES(cls): return {"required": {}}
+    def run(self): return ([[torch.zeros(1, 77, 768), {}]],)
+
+class DPSTestPicture:
+    RETURN_TYPES = ("IMAGE",); FUNCTION = "run"; CATEGORY = "testing"
+    @classmethod
+    def INPUT_TYPES(cls): return {"required": {}}
+    def run(self):
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+        disc = (((xx - 0.6) ** 2 + (yy - 0.4) ** 2) < 0.06).float()
+        return (torch.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy * (1 - disc), 0.8 * disc + 0.1], -1)[None],)
+
+class DPSTestResidual:
+    RETURN_TYPES = (); FUNCTION = "run"; CATEGORY = "testing"; OUTPUT_NODE = True
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "measurement": ("IMAGE",), "operator": ("DPS_OPERATOR",)}}
+    def run(self, image, measurement, operator):
+        x, y = image.movedim(-1, 1) * 2 - 1, measurement.movedim(-1, 1) * 2 - 1
+        return {"ui": {"residual": (operator(x) - y).flatten(1).norm(dim=1).tolist()}}
+
+NODE_CLASS_MAPPINGS = {"DPSTestZeroCond": DPSTestZeroCond, "DPSTestPicture": DPSTestPicture,
+                       "DPSTestResidual": DPSTestResidual}
+'''
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("comfy")
+    (work / "custom_nodes").mkdir()
+    (work / "custom_nodes" / "dps_guidance").symlink_to(ROOT, target_is_directory=True)
+    (work / "custom_nodes" / "dps_test_helpers.py").write_text(HELPERS)
+    (work / "diffusion_models").mkdir()
+    out = _driver("unet", str(work / "diffusion_models" / "tiny_sd15_unet.safetensors"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (work / "vae_approx").symlink_to(TAESD, target_is_directory=True)
+    for d in ("output", "input", "user", "frontend"):
+        (work / d).mkdir()
+    (work / "paths.yaml").write_text(f"dps_test:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
+                                     "    diffusion_models: diffusion_models\n    vae_approx: vae_approx\n")
+    return work
+
+
+def _driver(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COMFYUI_PATH=COMFY or "")
+    return subprocess.run([PYTHON, str(DRIVER), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_in_process_every_sampler_and_entry_point(work):
+    out = _driver("inprocess", str(work / "diffusion_models"), str(work / "custom_nodes" / "dps_guidance"),
+                  str(TAESD), str(STRENGTH))
+    assert out.returncode == 0, out.stderr[-5000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert {"DPSApply", "DPSMeasure", "DPSSuperResolution", "DPSInpainting"} <= set(result["registered"])
+    assert result["model_type"] == "BaseModel"                     # detected as SD1.5
+    cases = dict(result["samplers"], **{k: result[k] for k in ("batch", "img2img", "noise_mask",
+                                                                "sampler_custom_advanced", "taesd_surrogate")})
+    for name, case in cases.items():
+        for plain, dps in zip(case["plain"], case["dps"]):
+            assert dps < 0.9 * plain, (name, plain, dps)
+    assert len(result["batch"]["dps"]) == 2
+    assert result["plain_after_guided_equal"] is True              # the same model runs unguided afterwards
+    assert "Resize the measurement to 16x16" in result["errors"]["measurement_size"]
+    assert "mask is 32x32 but the measurement image is 16x16" in result["errors"]["mask_size"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    port = _free_port()
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(
+        [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--extra-model-paths-config",
+         str(work / "paths.yaml"), "--output-directory", str(work / "output"), "--input-directory",
+         str(work / "input"), "--user-directory", str(work / "user"), "--front-end-root", str(work / "frontend"),
+         "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
+        cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail("ComfyUI exited at start:\n" + (work / "server.log").read_text()[-3000:])
+            try:
+                _get(url + "/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not answer within 120 s")
+        yield url
+    finally:
+        proc.kill()          # SIGTERM does not stop main.py promptly
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _run_prompt(url: str, prompt: dict, timeout: float = 600) -> dict:
+    status, body = _post(url + "/prompt", {"prompt": prompt, "client_id": "dps-test"})
+    assert status == 200, body
+    pid = body["prompt_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = _get(f"{url}/history/{pid}")
+        if pid in history and history[pid]["status"].get("completed") is not None and (
+                history[pid]["status"]["status_str"] in ("success", "error")):
+            return history[pid]
+        time.sleep(0.5)
+    pytest.fail(f"prompt {pid} did not finish in {timeout} s")
+
+
+def _workflow(operator: dict, sampler: str = "euler", strength: float = STRENGTH) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd15_unet.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "3": {"class_type": "DPSTestZeroCond", "inputs": {}},
+        "4": {"class_type": "DPSTestPicture", "inputs": {}},
+        "5": operator,
+        "6": {"class_type": "DPSGaussianNoise", "inputs": {"sigma": 0.02}},
+        "7": {"class_type": "DPSMeasure", "inputs": {"image": ["4", 0], "operator": ["5", 0], "noise": ["6", 0], "seed": 0}},
+        "8": {"class_type": "DPSApply", "inputs": {
+            "model": ["1", 0], "vae": ["2", 0], "measurement": ["7", 0], "operator": ["5", 0], "noise": ["6", 0],
+            "strength": strength, "step_rule": "dps", "gradient": "full", "start_percent": 0.0, "end_percent": 1.0,
+            "vae_precision": "auto", "fast_decoder": "none"}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 7, "steps": 4, "cfg": 2.0,
+                                                    "sampler_name": sampler, "scheduler": "karras", "positive": ["3", 0],
+                                                    "negative": ["3", 0], "latent_image": ["9", 0], "denoise": 1.0}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["8", 0], "seed": 7, "steps": 4, "cfg": 2.0,
+                                                    "sampler_name": sampler, "scheduler": "karras", "positive": ["3", 0],
+                                                    "negative": ["3", 0], "latent_image": ["9", 0], "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["2", 0]}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["2", 0]}},
+        "14": {"class_type": "DPSTestResidual", "inputs": {"image": ["12", 0], "measurement": ["7", 0], "operator": ["5", 0]}},
+        "15": {"class_type": "DPSTestResidual", "inputs": {"image": ["13", 0], "measurement": ["7", 0], "operator": ["5", 0]}},
+        "16": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "dps_test"}},
+    }
+
+
+SR = {"class_type": "DPSSuperResolution", "inputs": {"factor": 4, "filter": "bicubic"}}
+
+
+def test_server_registers_the_nodes_with_their_socket_types(server):
+    info = _get(server + "/object_info/DPSApply")["DPSApply"]
+    required = info["input"]["required"]
+    assert required["operator"][0] == "DPS_OPERATOR" and required["noise"][0] == "DPS_NOISE"
+    assert info["output"] == ["MODEL"] and info["category"] == "sampling/dps"
+
+
+def test_server_prompt_guided_residual_below_unguided(server, work):
+    history = _run_prompt(server, _workflow(SR, "dpmpp_2m"))
+    assert history["status"]["status_str"] == "success", history["status"]
+    plain = history["outputs"]["14"]["residual"][0]
+    dps = history["outputs"]["15"]["residual"][0]
+    assert dps < 0.9 * plain, (plain, dps)
+    assert history["outputs"]["16"]["images"][0]["filename"].startswith("dps_test")
+
+
+def test_server_malformed_workflows_get_node_errors(server):
+    mask = {"class_type": "DPSBoxMask", "inputs": {"width": 32, "height": 32, "box_width": 8, "box_height": 8,
+                                                   "margin": 2, "seed": 0}}
+    prompt = _workflow({"class_type": "DPSInpainting", "inputs": {"mask": ["20", 0]}})
+    prompt["20"] = mask
+    history = _run_prompt(server, prompt)
+    assert history["status"]["status_str"] == "error"
+    text = json.dumps(history["status"]["messages"])
+    assert "mask is 32x32 but the measurement image is 64x64" in text and '"node_type": "DPSApply"' in text
+
+    prompt = _workflow(SR)
+    prompt["9"]["inputs"].update(width=96, height=96)          # the measurement (16x16) now fits no longer
+    history = _run_prompt(server, prompt)
+    assert history["status"]["status_str"] == "error"
+    assert "Resize the measurement to 24x24" in json.dumps(history["status"]["messages"])
+
+    status, body = _post(server + "/prompt", {"prompt": {"1": {"class_type": "DPSApply", "inputs": {}}}})
+    assert status == 400 and "node_errors" in body
+
+
+def test_example_workflows_match_the_servers_node_schemas(server):
+    info = _get(server + "/object_info")
+    paths = sorted((ROOT / "example_workflows").glob("*.json"))
+    assert len(paths) >= 4
+    for path in paths:
+        workflow = json.loads(path.read_text())
+        for node_id, node in workflow.items():
+            spec = info[node["class_type"]]["input"]
+            required, optional = spec["required"], spec.get("optional", {})
+            assert set(required) <= set(node["inputs"]), (path.name, node_id, set(required) - set(node["inputs"]))
+            for name, value in node["inputs"].items():
+                declared = required.get(name) or optional.get(name)
+                assert declared is not None, (path.name, node_id, name)
+                if isinstance(value, list):                       # a link: [node id, output index]
+                    source = info[workflow[value[0]]["class_type"]]["output"][value[1]]
+                    assert source == declared[0], (path.name, node_id, name, source, declared[0])
