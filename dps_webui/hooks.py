@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from dps.guidance import DPSGuidance, denoised_correction, vp_x0_jacobian, x0_jacobian
+from dps.guidance import DPSGuidance, vp_x0_jacobian
+from dps.host import guided_denoised, schedule_step
 
 Log = Callable[[str], None]
 
@@ -108,21 +110,8 @@ class SigmaClock:
             progress = 0.0 if sigma >= self.top else 1.0
         else:
             progress = (math.log(self.top) - math.log(max(sigma, bottom))) / (math.log(self.top) - math.log(bottom))
-        delta = None
-        if self.schedule:
-            below = [s for s in self.schedule if s < sigma * (1 - 1e-4)]
-            delta = sigma - below[0] if below else None
+        delta = schedule_step(sigma, torch.tensor(self.schedule)) if self.schedule else None
         return min(max(progress, 0.0), 1.0), delta
-
-
-def sigma_correction(guidance: DPSGuidance, grad: torch.Tensor, x: torch.Tensor, sigma: float,
-                     delta: float | None) -> torch.Tensor:
-    """The change of D(x, σ) that applies the DPS step (σ-space; ``dps.sampling.GuidedDenoiser``'s math)."""
-    if guidance.mode == "x0_only":
-        grad = grad * x0_jacobian(sigma, guidance.sigma_data)
-    correction = denoised_correction(grad, sigma, delta, guidance.rule, guidance.zeta)
-    scale = (delta / sigma) if delta else 1.0
-    return guidance.check_step(correction * scale, x) / scale
 
 
 def eps_correction(guidance: DPSGuidance, grad: torch.Tensor, x: torch.Tensor, alpha_cumprod: float,
@@ -231,7 +220,7 @@ class DenoiserWrapper:
             t_next = None if delta is None else t - int(round(delta))
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
             return out + eps_correction(self.guidance, result.grad, x, float(alphas[t]), next_ac).to(out.dtype)
-        return out + sigma_correction(self.guidance, result.grad, x, s, delta).to(out.dtype)
+        return guided_denoised(result, self.guidance, s, delta, x).to(out.dtype)  # result.x0_hat is out
 
     def _clean_side_outputs(self) -> None:
         # The host keeps the cond x̂0 for interrupts and the live preview; a graph there would leak into
@@ -261,6 +250,9 @@ def vae_decoder(get_model: Callable[[], object]) -> Callable[[torch.Tensor], tor
     return decode
 
 
+_AUTOGRAD_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
 def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``module`` autograd can differentiate through: built outside inference mode, so its
     parameters are ordinary tensors (Forge loads weights under ``torch.inference_mode``; a backward that
@@ -272,14 +264,13 @@ def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def forge_decoder(vae_patcher) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
-    """Decoder for Forge: ``first_stage_model.decode(process_out(z))`` on an autograd copy, cached on the
-    VAE patcher so that one copy serves the whole session (until the checkpoint changes)."""
+    """Decoder for Forge: ``first_stage_model.decode(process_out(z))`` on an autograd copy, made once per
+    decoder module (Forge clones its patchers per job but shares the module) and moved to the latent's
+    device on first use."""
     source = vae_patcher.first_stage_model
-    cached = getattr(vae_patcher, "_dps_autograd_decoder", None)
-    if cached is None or cached[0] is not source:
-        cached = (source, autograd_copy(source))
-        vae_patcher._dps_autograd_decoder = cached
-    module = cached[1]
+    module = _AUTOGRAD_COPIES.get(source)
+    if module is None:
+        module = _AUTOGRAD_COPIES[source] = autograd_copy(source)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         first = next(iter(module.parameters()), None)
@@ -312,8 +303,7 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             x = args["input"]
             result = guidance.evaluate(x, lambda _x: denoised)
             job.record(result.distance, result.skipped)
-            correction = sigma_correction(guidance, result.grad, x, s, delta)
-            return denoised + correction.to(device=denoised.device, dtype=denoised.dtype)
+            return guided_denoised(result, guidance, s, delta, x).to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False
             job.fail(exc)

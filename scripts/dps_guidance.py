@@ -254,7 +254,10 @@ if scripts is not None:
         def _hook_a1111(self, p, guidance: DPSGuidance, job: hooks.Job) -> None:
             sampler = p.sampler
             denoiser = sampler.model_wrap_cfg
-            sigma_min = getattr(getattr(denoiser, "inner_model", None), "sigma_min", None)
+            try:  # CFGDenoiser.inner_model is a property (k-diffusion: CompVisDenoiser, which knows sigma_min)
+                sigma_min = getattr(denoiser.inner_model, "sigma_min", None)
+            except Exception:
+                sigma_min = None
             clock = hooks.SigmaClock("sigma", sigma_min=float(sigma_min) if sigma_min is not None else None)
             _capture_schedule(sampler, clock)
 
