@@ -8,6 +8,8 @@ Outside a WebUI (no ``modules``), this file defines nothing and does nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dps.guidance import DPSGuidance
@@ -33,6 +35,19 @@ try:
     from modules import lowvram as host_lowvram
 except ImportError:
     host_lowvram = None
+try:  # the restoration tab
+    from modules import processing as host_processing
+    from modules import script_callbacks
+except ImportError:
+    host_processing = script_callbacks = None
+try:
+    from modules.call_queue import queue_lock
+except ImportError:
+    queue_lock = None
+try:  # img2img's own reading of a mask (RGBA masks carry it in alpha)
+    from modules.processing import create_binary_mask
+except ImportError:
+    create_binary_mask = None
 
 TITLE = "DPS Guidance"
 ERROR_KEY = "DPS error"
@@ -60,14 +75,59 @@ def _unet_forward_replaced(sd_model) -> bool:
     return unet is not None and ("_original_forward" in vars(unet) or "forward" in vars(unet))
 
 
+def _notes(job: hooks.Job) -> str | None:
+    notes = list(job.notes)
+    if job.skipped_calls:
+        notes.append(f"{job.skipped_calls} of {job.guided_calls} guided steps skipped (non-finite or exploding "
+                     "gradient; lower zeta, or use --no-half-vae)")
+    return "; ".join(notes) or None
+
+
 def _fit(p, image, width: int, height: int):
     """Resize an init image (or mask) the way img2img resizes it, so y lines up with the init latent."""
     if not hasattr(image, "crop") or host_images is None:
         return image
-    if getattr(p, "inpaint_full_res", False) and getattr(p, "paste_to", None) and getattr(p, "image_mask", None):
+    if getattr(p, "inpaint_full_res", False) and getattr(p, "paste_to", None) is not None:
         x, y, w, h = p.paste_to
         return host_images.resize_image(2, image.crop((x, y, x + w, y + h)), width, height)
     return host_images.resize_image(getattr(p, "resize_mode", 0), image, width, height)
+
+
+def _operator_controls(c: dict) -> None:
+    """The operator's parameters (shared by the accordion and the tab)."""
+    d = DEFAULTS
+    with gr.Row():
+        c["sr_factor"] = gr.Slider(label="Super-resolution factor", minimum=1, maximum=16, step=1, value=d.sr_factor)
+        c["sr_filter"] = gr.Dropdown(label="Downsampling filter", choices=list(SR_FILTERS), value=d.sr_filter)
+    with gr.Row():
+        c["blur_kernel"] = gr.Slider(label="Blur kernel size", minimum=3, maximum=121, step=2, value=d.blur_kernel)
+        c["blur_sigma"] = gr.Slider(label="Gaussian blur sigma (px)", minimum=0.1, maximum=20.0, step=0.1,
+                                    value=d.blur_sigma)
+        c["motion_intensity"] = gr.Slider(label="Motion blur intensity", minimum=0.0, maximum=1.0, step=0.05,
+                                          value=d.motion_intensity)
+        c["motion_seed"] = gr.Number(label="Motion kernel seed", value=d.motion_seed, precision=0)
+        c["phase_oversample"] = gr.Slider(label="Phase retrieval oversampling", minimum=1.0, maximum=4.0, step=0.25,
+                                          value=d.phase_oversample)
+
+
+def _guidance_controls(c: dict) -> None:
+    """Noise model and guidance settings (shared by the accordion and the tab)."""
+    d = DEFAULTS
+    c["simulate"] = gr.Checkbox(label="The image is clean: simulate y = A(x) + noise (for testing)", value=d.simulate)
+    with gr.Row():
+        c["noise"] = gr.Dropdown(label="Measurement noise", choices=list(NOISES), value=d.noise)
+        c["noise_sigma"] = gr.Slider(label="Gaussian sigma (on [-1, 1])", minimum=0.0, maximum=1.0, step=0.005,
+                                     value=d.noise_sigma)
+        c["poisson_rate"] = gr.Slider(label="Poisson rate", minimum=0.01, maximum=10.0, step=0.01,
+                                      value=d.poisson_rate)
+    with gr.Row():
+        c["zeta"] = gr.Slider(label="Strength zeta", minimum=0.0, maximum=10.0, step=0.05, value=d.zeta)
+        c["rule"] = gr.Dropdown(label="Step rule", choices=list(RULES), value=d.rule)
+        c["mode"] = gr.Radio(label="Gradient", choices=["full", "x0_only"], value=d.mode)
+    with gr.Row():
+        c["start"] = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01,
+                               value=d.start)
+        c["end"] = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=d.end)
 
 
 class JobState:
@@ -90,7 +150,6 @@ if scripts is not None:
             return scripts.AlwaysVisible
 
         def ui(self, is_img2img):
-            d = DEFAULTS
             c: dict = {}
             if InputAccordion is not None:
                 accordion = InputAccordion(False, label=TITLE, elem_id=self.elem_id("dps_enabled"))
@@ -101,46 +160,15 @@ if scripts is not None:
                 if InputAccordion is None:
                     c["enabled"] = gr.Checkbox(label="Enable", value=False)
                 with gr.Row():
-                    c["task"] = gr.Dropdown(label="Task (operator A)", choices=list(TASKS), value=d.task)
+                    c["task"] = gr.Dropdown(label="Task (operator A)", choices=list(TASKS), value=DEFAULTS.task)
                     c["source"] = gr.Radio(label="Measurement y from", choices=list(SOURCES),
                                            value="init image" if is_img2img else "upload")
-                with gr.Row():
-                    c["sr_factor"] = gr.Slider(label="Super-resolution factor", minimum=1, maximum=16, step=1,
-                                               value=d.sr_factor)
-                    c["sr_filter"] = gr.Dropdown(label="Downsampling filter", choices=list(SR_FILTERS),
-                                                 value=d.sr_filter)
-                with gr.Row():
-                    c["blur_kernel"] = gr.Slider(label="Blur kernel size", minimum=3, maximum=121, step=2,
-                                                 value=d.blur_kernel)
-                    c["blur_sigma"] = gr.Slider(label="Gaussian blur sigma (px)", minimum=0.1, maximum=20.0,
-                                                step=0.1, value=d.blur_sigma)
-                    c["motion_intensity"] = gr.Slider(label="Motion blur intensity", minimum=0.0, maximum=1.0,
-                                                      step=0.05, value=d.motion_intensity)
-                    c["motion_seed"] = gr.Number(label="Motion kernel seed", value=d.motion_seed, precision=0)
-                    c["phase_oversample"] = gr.Slider(label="Phase retrieval oversampling", minimum=1.0,
-                                                      maximum=4.0, step=0.25, value=d.phase_oversample)
+                _operator_controls(c)
                 with gr.Row():
                     c["image"] = gr.Image(label="Measurement (the degraded image)", type="pil")
                     c["mask"] = gr.Image(label="Inpainting mask (white = missing; img2img's mask if empty)",
                                          type="pil")
-                c["simulate"] = gr.Checkbox(label="The image is clean: simulate y = A(x) + noise (for testing)",
-                                            value=d.simulate)
-                with gr.Row():
-                    c["noise"] = gr.Dropdown(label="Measurement noise", choices=list(NOISES), value=d.noise)
-                    c["noise_sigma"] = gr.Slider(label="Gaussian sigma (on [-1, 1])", minimum=0.0, maximum=1.0,
-                                                 step=0.005, value=d.noise_sigma)
-                    c["poisson_rate"] = gr.Slider(label="Poisson rate", minimum=0.01, maximum=10.0, step=0.01,
-                                                  value=d.poisson_rate)
-                with gr.Row():
-                    c["zeta"] = gr.Slider(label="Strength zeta", minimum=0.0, maximum=10.0, step=0.05,
-                                          value=d.zeta)
-                    c["rule"] = gr.Dropdown(label="Step rule", choices=list(RULES), value=d.rule)
-                    c["mode"] = gr.Radio(label="Gradient", choices=["full", "x0_only"], value=d.mode)
-                with gr.Row():
-                    c["start"] = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0,
-                                           step=0.01, value=d.start)
-                    c["end"] = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0,
-                                         step=0.01, value=d.end)
+                _guidance_controls(c)
             self.infotext_fields = [(c["enabled"], lambda params: INFOTEXT_KEY in params)]
             self.infotext_fields += [(c[n], _paste(n)) for n in ARG_NAMES if n not in ("enabled", "image", "mask")]
             self.paste_field_names = [INFOTEXT_KEY]
@@ -163,7 +191,7 @@ if scripts is not None:
             if state is None:
                 return
             job = state.job
-            p.extra_generation_params[NOTE_KEY] = lambda **_: "; ".join(job.notes) or None
+            p.extra_generation_params[NOTE_KEY] = lambda **_: _notes(job)
             p.extra_generation_params[ERROR_KEY] = lambda **_: job.error
             if getattr(p, "is_hr_pass", False):
                 job.note("not applied in the hires-fix pass (the measurement fits the first pass)")
@@ -229,6 +257,8 @@ if scripts is not None:
                 if source_mask is None:
                     source_mask = getattr(p, "image_mask", None)
                     invert = bool(getattr(p, "inpainting_mask_invert", 0))
+                    if source_mask is not None and create_binary_mask is not None and hasattr(source_mask, "mode"):
+                        source_mask = create_binary_mask(source_mask, round=getattr(p, "mask_round", True))
                 if source_mask is None:
                     build_operator(settings)  # raises the error that names the fix
                 mask = measure.mask_to_tensor(_fit(p, source_mask, width, height), height, width, invert)
@@ -292,3 +322,123 @@ def _capture_schedule(sampler, clock: hooks.SigmaClock) -> None:
         return sigmas
 
     sampler.get_sigmas = get_sigmas
+
+
+# -- the restoration tab ---------------------------------------------------------------------------------
+
+TAB_SETTINGS = tuple(n for n in ARG_NAMES if n not in ("enabled", "source", "image", "mask"))
+
+
+class OnlyDPS:
+    """Stands in for img2img's script runner on ``p.scripts`` in the tab: runs this script's hooks with the
+    tab's settings; every other runner hook is a no-op (the tab has no other extensions' controls)."""
+
+    def __init__(self, script, args: list) -> None:
+        self.script, self.args = script, args
+
+    def process(self, p):
+        self.script.process(p, *self.args)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self.script.process_before_every_sampling(p, *self.args, **kwargs)
+
+    def postprocess(self, p, processed):
+        self.script.postprocess(p, processed, *self.args)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def output_size(settings: DPSSettings, width: int, height: int) -> tuple[int, int]:
+    """The size to generate for a degraded image of (width, height): the super-resolution factor times
+    larger, rounded down to what both the latent (multiples of 8) and the operator accept."""
+    factor = settings.sr_factor if settings.task == "super_resolution" else 1
+    step = 8 * factor // math.gcd(8, factor)
+    w, h = (width * factor) // step * step, (height * factor) // step * step
+    if w < step or h < step:
+        raise ValueError(f"DPS: the image is too small; it must give at least {step}x{step} pixels after "
+                         f"super-resolution")
+    return w, h
+
+
+def restore(degraded, mask, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, denoising_strength: float,
+            seed: int, sampler_name: str, *values):
+    """The tab's button: run img2img on the degraded image with DPS on; returns (before, after, infotext)."""
+    if degraded is None:
+        return None, None, "Upload the degraded image first."
+    try:
+        settings = DPSSettings(enabled=True, source="init image", **dict(zip(TAB_SETTINGS, values)))
+        image = measure.decode_image(degraded)
+        image = image.convert("RGB") if hasattr(image, "convert") else image
+        height, width = measure.image_to_tensor(image).shape[-2:]
+        out_w, out_h = output_size(settings, width, height)
+        mask_image = measure.decode_image(mask) if settings.task == "inpainting" else None
+        p = host_processing.StableDiffusionProcessingImg2Img(
+            sd_model=shared.sd_model, outpath_samples=shared.opts.outdir_samples or shared.opts.outdir_img2img_samples,
+            outpath_grids=shared.opts.outdir_grids or shared.opts.outdir_img2img_grids, prompt=prompt,
+            negative_prompt=negative_prompt, init_images=[image], mask=mask_image, width=out_w, height=out_h,
+            steps=int(steps), cfg_scale=float(cfg_scale), denoising_strength=float(denoising_strength),
+            seed=int(seed), sampler_name=sampler_name)
+        p.scripts = OnlyDPS(DPSGuidanceScript(), [settings.enabled] + [getattr(settings, n) for n in ARG_NAMES[1:]])
+        if queue_lock is not None:
+            with queue_lock:
+                shared.state.begin(job="dps_restore")
+                try:
+                    processed = host_processing.process_images(p)
+                finally:
+                    shared.state.end()
+        else:
+            processed = host_processing.process_images(p)
+        if hasattr(p, "close"):
+            p.close()
+    except Exception as exc:  # a tab callback must not take the UI down
+        hooks.console(f"restore failed: {exc}")
+        return degraded, None, f"DPS error: {exc}"
+    infotexts = getattr(processed, "infotexts", None)
+    return image, processed.images[0], infotexts[0] if infotexts else getattr(processed, "info", "")
+
+
+def _sampler_names() -> list[str]:
+    try:
+        from modules import sd_samplers
+        return list(sd_samplers.visible_sampler_names())
+    except Exception:
+        return ["Euler"]
+
+
+def restore_tab():
+    """``on_ui_tabs``: upload, pick the task, restore with the loaded checkpoint, compare."""
+    c: dict = {}
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            with gr.Column():
+                degraded = gr.Image(label="Degraded image", type="pil")
+                mask = gr.Image(label="Mask for inpainting (white = missing)", type="pil")
+                prompt = gr.Textbox(label="Prompt (describe the image)", lines=2)
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=150, step=1, value=30)
+                    cfg = gr.Slider(label="CFG scale", minimum=1.0, maximum=30.0, step=0.5, value=5.0)
+                    strength = gr.Slider(label="Denoising strength", minimum=0.0, maximum=1.0, step=0.01, value=1.0)
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0)
+                    names = _sampler_names()
+                    sampler = gr.Dropdown(label="Sampler", choices=names, value=names[0])
+                c["task"] = gr.Dropdown(label="Task (operator A)", choices=list(TASKS), value=DEFAULTS.task)
+                _operator_controls(c)
+                _guidance_controls(c)
+                button = gr.Button("Restore", variant="primary")
+            with gr.Column():
+                with gr.Row():
+                    before = gr.Image(label="Before", interactive=False)
+                    after = gr.Image(label="After", interactive=False)
+                info = gr.Textbox(label="Infotext", interactive=False, lines=3)
+        button.click(fn=restore, inputs=[degraded, mask, prompt, negative, steps, cfg, strength, seed, sampler]
+                     + [c[n] for n in TAB_SETTINGS], outputs=[before, after, info])
+    return [(tab, "DPS Restore", "dps_restore")]
+
+
+if scripts is not None and script_callbacks is not None and host_processing is not None:
+    script_callbacks.on_ui_tabs(restore_tab)

@@ -240,3 +240,51 @@ def test_api_accepts_positional_args_or_one_dict(webui):
     assert parse_infotext(info["DPS"])["sr_factor"] == 4
     with pytest.raises(ValueError, match="unknown setting"):
         DPSSettings.from_args([{"enabled": True, "zetta": 1}])
+
+
+def test_restore_tab_runs_img2img_with_dps_and_compares(webui):
+    callbacks = webui.fake["modules.script_callbacks"]
+    assert callbacks.ui_tabs == [webui.module.restore_tab]
+    gr = webui.fake["gradio"]
+    [(blocks, title, elem_id)] = webui.module.restore_tab()
+    assert title == "DPS Restore" and isinstance(blocks, gr.Blocks)
+    fn, inputs, outputs = gr.buttons[-1].clicked
+    assert fn is webui.module.restore and len(outputs) == 3
+    assert len(inputs) == 9 + len(webui.module.TAB_SETTINGS)
+
+    sd_model = host.SdModel()
+    webui.shared.sd_model = sd_model
+    _, y, upload = truth_and_measurement(sd_model)  # an 8x8 image: x4 super-resolution gives 32x32
+
+    def restore(zeta):
+        values = {name: getattr(DPSSettings(), name) for name in webui.module.TAB_SETTINGS}
+        values.update(task="super_resolution", sr_factor=FACTOR, zeta=zeta, noise_sigma=0.01)
+        return webui.module.restore(upload, None, "a photo", "", 12, 2.0, 1.0, 1, "Euler",
+                                    *[values[n] for n in webui.module.TAB_SETTINGS])
+
+    before, after, info = restore(10.0)
+    p = webui.fake["modules.processing"].created[-1]
+    assert (p.width, p.height) == (32, 32) and p.closed
+    assert "DPS: task: super_resolution" in info and "source: init image" in info
+    _, plain, _ = restore(0.0)
+    assert sr_residual(after, y) < 0.5 * sr_residual(plain, y)
+    _, none, message = webui.module.restore(np.zeros((1, 1, 3)), None, "", "", 12, 2.0, 1.0, 1, "Euler",
+                                            *[getattr(DPSSettings(), n) for n in webui.module.TAB_SETTINGS])
+    assert none is None and "too small" in message
+
+
+@pytest.mark.filterwarnings("ignore:DPS guidance produced a non-finite gradient:RuntimeWarning")
+def test_non_finite_gradients_are_skipped_and_reported(webui):
+    sd_model = host.SdModel()
+    _, _, upload = truth_and_measurement(sd_model)
+    host_decode = sd_model.first_stage_model.decode
+
+    def nan_under_grad(z):
+        out = host_decode(z)
+        return out * float("nan") if torch.is_grad_enabled() else out
+
+    sd_model.first_stage_model.decode = nan_under_grad
+    plain, _ = a1111_run(webui, host.Processing(sd_model), [], script=False)
+    image, info = a1111_run(webui, host.Processing(sd_model), args_for(image=upload))
+    assert torch.equal(image, plain)
+    assert "12 of 12 guided steps skipped" in info["DPS note"] and "DPS error" not in info

@@ -58,6 +58,18 @@ def make_gradio() -> types.ModuleType:
     for name in ("Row", "Column", "Accordion", "Checkbox", "Dropdown", "Radio", "Slider", "Number", "Image",
                  "Textbox", "Group"):
         setattr(gr, name, type(name, (_Component,), {}))
+    gr.buttons = []
+
+    class Button(_Component):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            gr.buttons.append(self)
+
+        def click(self, fn, inputs, outputs):
+            self.clicked = (fn, inputs, outputs)
+
+    gr.Button = Button
+    gr.Blocks = type("Blocks", (_Component,), {})
     gr.update = lambda **kw: dict(kw, __type__="update")
     return gr
 
@@ -108,8 +120,33 @@ def make_modules() -> dict[str, types.ModuleType]:
     low.is_enabled = lambda sd_model: getattr(sd_model, "lowvram", False)  # modules/lowvram.py:164-165
     for name, mod in (("scripts", scripts), ("shared", shared), ("ui_components", ui_components), ("lowvram", low)):
         setattr(modules, name, mod)
+    shared.opts = types.SimpleNamespace(outdir_samples="", outdir_img2img_samples="outputs/img2img",
+                                        outdir_grids="", outdir_img2img_grids="outputs/grids")
+    processing = types.ModuleType("modules.processing")
+
+    class StableDiffusionProcessingImg2Img(Processing):
+        def __init__(self, sd_model=None, init_images=None, mask=None, width=512, height=512, steps=20,
+                     seed=-1, **kwargs):
+            super().__init__(sd_model, width=width, height=height, steps=steps, seed=seed, init_images=init_images,
+                             image_mask=mask)
+            self.kwargs = kwargs
+            self.closed = False
+            processing.created.append(self)
+
+        def close(self):
+            self.closed = True
+
+    processing.created = []
+    processing.StableDiffusionProcessingImg2Img = StableDiffusionProcessingImg2Img
+    processing.process_images = lambda p: run_processing(p, lambda p_: KDiffusionSampler(p_.sd_model, shared))
+    callbacks = types.ModuleType("modules.script_callbacks")
+    callbacks.ui_tabs = []
+    callbacks.on_ui_tabs = callbacks.ui_tabs.append
+    for name, mod in (("processing", processing), ("script_callbacks", callbacks)):
+        setattr(modules, name, mod)
     return {"modules": modules, "modules.scripts": scripts, "modules.shared": shared,
-            "modules.ui_components": ui_components, "modules.lowvram": low, "gradio": make_gradio()}
+            "modules.ui_components": ui_components, "modules.lowvram": low, "modules.processing": processing,
+            "modules.script_callbacks": callbacks, "gradio": make_gradio()}
 
 
 def load_script(path: Path, extension_root: Path):
@@ -342,6 +379,7 @@ class Processing:
         self.extra_generation_params: dict = {}
         self.is_hr_pass = False
         self.sampler = None
+        self.scripts = None
         self.resize_mode = 0
 
 
@@ -356,25 +394,53 @@ def create_infotext(p) -> dict:
     return out
 
 
-def process_images(p, scripts, args, make_sampler, grad_mode=torch.no_grad, generator_seed=0):
-    """processing.process_images_inner's order: process -> (grad mode: sampler, hook, sample, decode) ->
-    postprocess. Returns the decoded image in [-1, 1] and the infotext dict."""
-    for s in scripts:
-        s.process(p, *args)
+class ScriptRunner:
+    """modules.scripts.ScriptRunner's hooks as processing.py calls them (each script gets ``args``)."""
+
+    def __init__(self, scripts, args):
+        self.scripts, self.args = scripts, list(args)
+
+    def process(self, p):
+        for s in self.scripts:
+            s.process(p, *self.args)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        for s in self.scripts:
+            s.process_before_every_sampling(p, *self.args, **kwargs)
+
+    def postprocess(self, p, processed):
+        for s in self.scripts:
+            s.postprocess(p, processed, *self.args)
+
+
+def run_processing(p, make_sampler, grad_mode=torch.no_grad, generator_seed=0):
+    """processing.process_images_inner's order: scripts.process -> (grad mode: sampler, hook, sample,
+    decode) -> scripts.postprocess. Returns a Processed-like namespace (image in [-1, 1], infotext dict)."""
+    if p.scripts is not None:
+        p.scripts.process(p)
     g = torch.Generator().manual_seed(generator_seed)
     with grad_mode():
         p.sampler = make_sampler(p)
         x = torch.randn(p.batch_size, 4, p.height // 2, p.width // 2, generator=g)
         c = torch.full((p.batch_size,), 1.0)
         uc = torch.zeros(p.batch_size)
-        for s in scripts:
-            s.process_before_every_sampling(p, *args, x=x, noise=x, c=c, uc=uc)
+        if p.scripts is not None:
+            p.scripts.process_before_every_sampling(p, x=x, noise=x, c=c, uc=uc)
         samples = p.sampler.sample(p, x, c, uc)
         image = decode(p, samples)
-    processed = types.SimpleNamespace(images=[image])
-    for s in scripts:
-        s.postprocess(p, processed, *args)
-    return image, create_infotext(p)
+    info = create_infotext(p)
+    processed = types.SimpleNamespace(images=[image], info_dict=info,
+                                      infotexts=[", ".join(f"{k}: {v}" for k, v in info.items())])
+    if p.scripts is not None:
+        p.scripts.postprocess(p, processed)
+    return processed
+
+
+def process_images(p, scripts, args, make_sampler, grad_mode=torch.no_grad, generator_seed=0):
+    """Run ``scripts`` with ``args`` through the processing lifecycle; returns (image, infotext dict)."""
+    p.scripts = ScriptRunner(scripts, args) if scripts else None
+    processed = run_processing(p, make_sampler, grad_mode, generator_seed)
+    return processed.images[0], processed.info_dict
 
 
 def decode(p, samples):
