@@ -6,7 +6,7 @@ nodes`` is ComfyUI's), and prints one JSON line. Commands:
 * ``unet PATH``: write a tiny SD1.5-detectable UNet (random weights, safetensors) for the loaders.
 * ``inprocess MODELS PACK TAESD [STRENGTH]``: load the pack through ComfyUI's custom-node loader, the UNet through
   ``UNETLoader`` and TAESD through ``VAELoader``; sample under ``torch.inference_mode()`` with KSampler
-  (several samplers, a batch, img2img, a latent noise mask) and SamplerCustomAdvanced, with and without
+  (seven samplers, txt2img and img2img, a batch, a latent noise mask) and SamplerCustomAdvanced, with and without
   DPS at the same seed; report the measurement residuals.
 """
 
@@ -98,49 +98,47 @@ def inprocess(work: str, pack: str, taesd: str, strength: str = "1.0") -> dict:
 
         empty = {"samples": torch.zeros(1, 4, 8, 8)}
         guided = apply()
+        # Random weights are no prior: from pure noise their x0 saturates the decoder, so most cases start
+        # from the bicubic upscale of the measurement (img2img, denoise 0.6), as a restoration would.
+        upscaled = torch.nn.functional.interpolate(y_img.movedim(-1, 1), scale_factor=4, mode="bicubic")
+        start = {"samples": vae.encode(upscaled.movedim(1, -1).clamp(0, 1))}
+
+        def ksample(m, latent, sampler="euler", seed=7, steps=4, denoise=0.6):
+            return nodes.common_ksampler(m, seed, steps, 2.0, sampler, "karras", cond, cond, latent,
+                                         denoise=denoise)[0]["samples"]
+
+        def case(latent, **kw):
+            return {"plain": residual(ksample(model, latent, **kw)), "dps": residual(ksample(guided, latent, **kw))}
+
         samplers = {}
         for sampler in ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"]:
-            steps = 3 if sampler == "heun" else 4
-            plain = nodes.common_ksampler(model, 7, steps, 2.0, sampler, "karras", cond, cond, empty)[0]["samples"]
-            dps = nodes.common_ksampler(guided, 7, steps, 2.0, sampler, "karras", cond, cond, empty)[0]["samples"]
-            samplers[sampler] = {"plain": residual(plain), "dps": residual(dps)}
+            samplers[sampler] = case(start, sampler=sampler, steps=3 if sampler == "heun" else 4)
         out["samplers"] = samplers
-
-        batch = {"samples": torch.zeros(2, 4, 8, 8)}
-        out["batch"] = {"plain": residual(nodes.common_ksampler(model, 3, 4, 2.0, "euler", "normal", cond, cond, batch)[0]["samples"]),
-                        "dps": residual(nodes.common_ksampler(guided, 3, 4, 2.0, "euler", "normal", cond, cond, batch)[0]["samples"])}
-
-        start = {"samples": vae.encode(torch.nn.functional.interpolate(y_img.movedim(-1, 1), scale_factor=4,
-                                                                       mode="bicubic").movedim(1, -1).clamp(0, 1))}
-        out["img2img"] = {"plain": residual(nodes.common_ksampler(model, 5, 6, 2.0, "dpmpp_2m", "karras", cond, cond, start, denoise=0.6)[0]["samples"]),
-                          "dps": residual(nodes.common_ksampler(guided, 5, 6, 2.0, "dpmpp_2m", "karras", cond, cond, start, denoise=0.6)[0]["samples"])}
-
-        masked = dict(empty, noise_mask=torch.ones(1, 64, 64))
-        out["noise_mask"] = {"plain": residual(nodes.common_ksampler(model, 9, 4, 2.0, "euler", "karras", cond, cond, masked)[0]["samples"]),
-                             "dps": residual(nodes.common_ksampler(guided, 9, 4, 2.0, "euler", "karras", cond, cond, masked)[0]["samples"])}
+        out["txt2img"] = case(empty, denoise=1.0)
+        out["batch"] = case({"samples": start["samples"].repeat(2, 1, 1, 1)}, seed=3)
+        out["noise_mask"] = case(dict(start, noise_mask=torch.ones(1, 64, 64)), seed=9)
 
         def custom_advanced(m):
             guider = comfy.samplers.CFGGuider(m)
             guider.set_conds(cond, cond)
             guider.set_cfg(2.0)
-            sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", 4).cpu()
+            sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", 10).cpu()[-5:]
             sampler = comfy.samplers.sampler_object("dpmpp_2m")
-            noise_t = comfy.sample.prepare_noise(empty["samples"], 11)
-            return guider.sample(noise_t, empty["samples"], sampler, sigmas, seed=11)
+            noise_t = comfy.sample.prepare_noise(start["samples"], 11)
+            return guider.sample(noise_t, start["samples"], sampler, sigmas, seed=11)
 
         out["sampler_custom_advanced"] = {"plain": residual(custom_advanced(model)), "dps": residual(custom_advanced(guided))}
 
         fast = apply(fast_decoder="taesd_decoder.safetensors")
-        out["taesd_surrogate"] = {"plain": samplers["euler"]["plain"],
-                                  "dps": residual(nodes.common_ksampler(fast, 7, 4, 2.0, "euler", "karras", cond, cond, empty)[0]["samples"])}
+        out["taesd_surrogate"] = {"plain": samplers["euler"]["plain"], "dps": residual(ksample(fast, start))}
 
-        again = nodes.common_ksampler(model, 7, 4, 2.0, "euler", "karras", cond, cond, empty)[0]["samples"]
+        again = ksample(model, start)
         out["plain_after_guided_equal"] = residual(again) == samplers["euler"]["plain"]
 
         errors = {}
         try:
             wrong = apply(measurement=torch.zeros(1, 20, 20, 3))
-            nodes.common_ksampler(wrong, 7, 4, 2.0, "euler", "karras", cond, cond, empty)
+            ksample(wrong, start)
         except ValueError as err:
             errors["measurement_size"] = str(err)
         try:
