@@ -1,0 +1,86 @@
+"""The Gaussian-mixture benchmark runs, prints the JSON it documents, and DPS beats unconditional sampling.
+
+A smoke test of ``bench/gmm.py`` (not a benchmark: no timings are asserted). deepinv is optional; CI has none.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dps.gmm import GaussianMixture, random_problem
+from dps.metrics import max_sliced_wasserstein, sliced_wasserstein
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_DEEPINV = importlib.util.find_spec("deepinv") is not None
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gmm", ROOT / "bench" / "gmm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report():
+    cmd = [sys.executable, str(ROOT / "bench" / "gmm.py"), "--quick", "--json", "--samples", "300",
+           "--reference", "1000", "--slices", "200", "--steps", "50", "--sweep-steps", "50", "--no-deepinv"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_json_structure(report):
+    for key in ("config", "environment", "deepinv", "sweep", "best_zeta", "results", "summary"):
+        assert key in report
+    assert report["config"]["steps"] == [50]
+    assert {"version", "included"} <= set(report["deepinv"])
+    assert report["deepinv"]["included"] is False
+    methods = {r["method"] for r in report["results"]}
+    assert {"exact", "unconditional", "dps", "dps_paper", "schedule", "schedule_x0_only"} <= methods
+    for row in report["results"]:
+        assert {"dim_x", "dim_y", "seed", "steps", "method", "zeta", "sw", "max_sw", "diverged"} <= set(row)
+    for row in report["sweep"]:
+        assert {"method", "steps", "zeta", "sw", "max_sw", "diverged"} <= set(row)
+    assert set(report["best_zeta"]["schedule"]) == {"50"}
+
+
+def test_dps_beats_unconditional(report):
+    per = report["summary"]["50"]
+    for method in ("dps", "dps_paper", "schedule"):
+        assert per[method]["sw"] < 0.6 * per["unconditional"]["sw"], (method, per)
+        assert per[method]["max_sw"] < per["unconditional"]["max_sw"], (method, per)
+    # the exact posterior's second draw is the floor
+    assert per["exact"]["sw"] < per["schedule"]["sw"]
+
+
+def test_fast_eps_and_cached_metrics_match_the_core():
+    bench = load_bench()
+    g = torch.Generator().manual_seed(0)
+    prior = GaussianMixture.mcg_diff(8, g)
+    x = 10 * torch.randn(5, 8, 1, 1, generator=g, dtype=torch.float64)
+    ac = torch.rand(5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bench.mixture_eps(prior)(x, ac), prior.eps(x, ac))
+    a = random_problem(8, 2, g)
+    exact = prior.posterior(a, a @ prior.sample(1, g)[0], 0.5).sample(700, g)
+    samples = prior.sample(300, g)
+    ref = bench.Reference(exact, 150).score(samples)
+    assert ref["sw"] == pytest.approx(sliced_wasserstein(samples, exact, 150, torch.Generator().manual_seed(2)))
+    assert ref["max_sw"] == pytest.approx(max_sliced_wasserstein(samples, exact, 100, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.skipif(not HAS_DEEPINV, reason="deepinv is not installed (bench/requirements-peers.txt)")
+def test_deepinv_dps_runs_on_the_same_problem():
+    bench = load_bench()
+    problem = bench.make_problem(8, 4, 0)
+    ref = bench.reference(problem, 1000, 200)
+    uncond = bench.run_method("unconditional", None, problem, ref, 50, 300, seed=0)
+    dinv = bench.run_method("deepinv_dps", 3.0, problem, ref, 50, 300, seed=0)
+    assert dinv["sw"] < 0.6 * uncond["sw"]
