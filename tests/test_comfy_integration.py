@@ -231,6 +231,10 @@ def test_server_malformed_workflows_get_node_errors(server):
                                                    "margin": 2, "seed": 0}}
     prompt = _workflow({"class_type": "DPSInpainting", "inputs": {"mask": ["20", 0]}})
     prompt["20"] = mask
+    for node_id in ("7", "14", "15"):                         # the 64x64 picture itself is the measurement
+        del prompt[node_id]
+    prompt["8"]["inputs"]["measurement"] = ["4", 0]
+    prompt["21"]["inputs"]["image"] = ["4", 0]
     history = _run_prompt(server, prompt)
     assert history["status"]["status_str"] == "error"
     text = json.dumps(history["status"]["messages"])
@@ -238,6 +242,8 @@ def test_server_malformed_workflows_get_node_errors(server):
 
     prompt = _workflow(SR)
     prompt["21"]["inputs"].update(width=96, height=96)         # the measurement (16x16) now fits no longer
+    for node_id in ("10", "12", "14", "15"):                   # only the guided branch
+        del prompt[node_id]
     history = _run_prompt(server, prompt)
     assert history["status"]["status_str"] == "error"
     assert "Resize the measurement to 24x24" in json.dumps(history["status"]["messages"])
