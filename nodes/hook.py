@@ -219,10 +219,12 @@ class DPSPatch:
         return s_end <= sigma <= s_start
 
     def _modules(self, guider: Any, inner: Any) -> list[nn.Module]:
-        modules: list[nn.Module] = [inner]
-        for patcher in getattr(guider, "loaded_models", None) or []:   # ControlNets, T2I adapters, the VAE
-            if isinstance(getattr(patcher, "model", None), nn.Module):
-                modules.append(patcher.model)
+        modules: list[nn.Module] = []
+        if self.settings.mode == "full":                                # x0_only never differentiates the UNet
+            modules.append(inner)
+            for patcher in getattr(guider, "loaded_models", None) or []:   # ControlNets, T2I adapters, the VAE
+                if isinstance(getattr(patcher, "model", None), nn.Module):
+                    modules.append(patcher.model)
         if self.surrogate is not None:
             modules.append(self.surrogate)
         elif self.settings.precision == "auto":

@@ -480,3 +480,13 @@ def test_example_workflows_wire_dps_into_a_sampler():
         applies = [k for k, v in workflow.items() if v["class_type"] == "DPSApply"]
         assert applies and any(v["class_type"] == "KSampler" and v["inputs"]["model"][0] in applies
                                for v in workflow.values()), path.name
+
+
+def test_x0_only_leaves_the_unet_weights_alone():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        guided, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(mode="x0_only", **STRONG))
+    assert float(residual(operator, y, run(guided, vae))) < 0.6 * float(residual(operator, y, run(patcher, vae)))
+    assert all(p.is_inference() for p in patcher.model.parameters())          # no copy of the UNet was needed
+    assert not any(p.is_inference() for p in vae.first_stage_model.parameters())
