@@ -213,6 +213,7 @@ def methods(with_deepinv: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced grid (d_x 8, d_y 1 and 4, one seed, 100 steps)")
+    p.add_argument("--show", metavar="FILE", help="print the tables of a saved --json output and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--steps", help="step counts of the main grid, comma-separated (default 100; quick 100); each\n"
                    "must be one of the sweep's, whose best ζ it uses")
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-deepinv", action="store_true", help="skip deepinv even when it imports")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
+    if args.show:
+        print_tables(json.loads(Path(args.show).read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     q = args.quick
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
@@ -326,6 +330,12 @@ def summarise(results: list[dict], steps_list: list[int], with_deepinv: bool) ->
                                                "max_sw": mean([r["max_sw"] for r in mr
                                                                if (r["dim_x"], r["dim_y"]) == (dx, dy)])}
                                 for dx, dy in cells}}
+        if "deepinv_dps" in per:  # how many (d_x, d_y) cells each of ours is at least as close as deepinv's
+            for m in methods(False):
+                if m in per:
+                    per[m]["cells_at_least_as_close_as_deepinv"] = sum(
+                        (per[m]["cells"][c]["sw"] or math.inf) <= (per["deepinv_dps"]["cells"][c]["sw"] or math.inf)
+                        for c in per[m]["cells"])
         summary[str(steps)] = per
     return summary
 
@@ -371,7 +381,9 @@ def print_tables(out: dict) -> None:
             z = f"{v['zeta']:g}" if v["zeta"] is not None else ""
             row = "  ".join(f"{_f(v['cells'][c]['sw'])} ({_f(v['cells'][c]['max_sw'], 6).strip():>6s})"
                             for c in cells)
-            print(f"  {m:17s} {z:>6s}  {row}  {_f(v['sw'])} ({_f(v['max_sw']).strip():>6s})")
+            vs = v.get("cells_at_least_as_close_as_deepinv")
+            vs = f"  <= deepinv in {vs}/{len(cells)} cells" if vs is not None else ""
+            print(f"  {m:17s} {z:>6s}  {row}  {_f(v['sw'])} ({_f(v['max_sw']).strip():>6s}){vs}")
 
 
 if __name__ == "__main__":

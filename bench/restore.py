@@ -106,6 +106,7 @@ def scores(x: torch.Tensor, truth: torch.Tensor) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--show", metavar="FILE", help="print the tables of a saved --json output and exit")
     p.add_argument("--json", action="store_true")
     p.add_argument("--kinds", default="pixel,latent", help="priors to run (default pixel,latent)")
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-deepinv", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
+    if args.show:
+        print_table(json.loads(Path(args.show).read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     with_deepinv = DEEPINV is not None and not args.no_deepinv

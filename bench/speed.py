@@ -132,20 +132,36 @@ def measure_memory(kind: str, side: int, mode: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def decode_step(setup) -> None:
+    """One decoder forward and backward to its input: the part of a guided latent step that is not the UNet."""
+    _, shape, decoder, op, y = setup
+    z = torch.randn(shape).requires_grad_(True)
+    (op(decoder(z)) - y).square().sum().backward()
+
+
 def measure_time(setups: dict, steps: int, repeats: int) -> dict:
+    """Median ms per step of each mode (interleaved runs); for latent models also ``decoder`` (ms per
+    decoder forward + backward, measured in the same rounds)."""
     for mode, setup in setups.items():  # warm-up
         sample(setup, mode, 2)
-    times: dict[str, list[float]] = {m: [] for m in setups}
+    with_decoder = setups["full"][2] is not None
+    times: dict[str, list[float]] = {m: [] for m in list(setups) + (["decoder"] if with_decoder else [])}
     for _ in range(repeats):
         for mode, setup in setups.items():
             t0 = time.perf_counter()
             sample(setup, mode, steps)
             times[mode].append((time.perf_counter() - t0) / steps)
+        if with_decoder:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decode_step(setups["full"])
+            times["decoder"].append((time.perf_counter() - t0) / steps)
     return {m: statistics.median(v) * 1000 for m, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--show", metavar="FILE", help="print the tables of a saved --json output and exit")
     p.add_argument("--json", action="store_true")
     p.add_argument("--steps", type=int, default=8, help="DDPM steps per timed run (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is kept (default 5)")
@@ -158,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses")
     p.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.show:
+        print_table(json.loads(Path(args.show).read_text()))
+        return 0
     if args._memory:
         kind, side, mode = args._memory
         print(json.dumps(memory_child(kind, int(side), mode, args.batch, args.steps, args.vae, args.threads)))
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                    "decoder": ("taesd" if args.vae else "taesd-random") if kind == "latent" else None,
                    "ms_per_step": ms,
                    "time_ratio": {m: ms[m] / ms["unguided"] for m in MODES},
+                   "decoder_ms": ms.get("decoder"),
                    "memory_mib": {m: mem[m]["peak_delta_mib"] for m in mem},
                    "peak_rss_mib": {m: mem[m]["peak_rss_mib"] for m in mem}}
             if mem and mem["unguided"]["peak_delta_mib"] > 0:
@@ -216,12 +236,13 @@ def print_table(out: dict) -> None:
     print(f"\nDPS step cost on {env['processor']} ({env['cpus']} CPUs, {env['threads']} thread), torch {env['torch']}, "
           f"batch {out['rows'][0]['batch'] if out['rows'] else '-'}; median of {out['repeats']} x {out['steps']} steps")
     print(f"{'model':7s} {'image':>7s} | {'unguided ms':>11s} {'full ms':>9s} {'x0_only ms':>10s} | "
-          f"{'full/ung':>8s} {'x0/ung':>7s} | {'peak MiB ung/full/x0':>22s}")
+          f"{'full/ung':>8s} {'x0/ung':>7s} | {'peak MiB ung/full/x0':>22s} | {'decoder f+b ms':>14s}")
     for r in out["rows"]:
         ms, ratio, mem = r["ms_per_step"], r["time_ratio"], r["memory_mib"]
         mems = "/".join(f"{mem[m]:.0f}" for m in MODES) if mem else "-"
         print(f"{r['kind']:7s} {str(r['image_px']) + 'px':>7s} | {ms['unguided']:11.1f} {ms['full']:9.1f} "
-              f"{ms['x0_only']:10.1f} | {ratio['full']:8.2f} {ratio['x0_only']:7.2f} | {mems:>22s}")
+              f"{ms['x0_only']:10.1f} | {ratio['full']:8.2f} {ratio['x0_only']:7.2f} | {mems:>22s} | "
+              f"{'-' if r['decoder_ms'] is None else format(r['decoder_ms'], '.1f'):>14s}")
 
 
 if __name__ == "__main__":
