@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-model", help="pixel prior file (default: the bundled one)")
     p.add_argument("--latent-model", help="latent prior file (default: the bundled one)")
     p.add_argument("--vae", default=str(TAESD) if TAESD.is_file() else None, help="TAESD decoder for the latent prior")
+    p.add_argument("--rule", help="override the demo's rule for every task (dps, dps_paper, schedule)")
+    p.add_argument("--zeta", type=float, help="override the demo's zeta for every task")
     p.add_argument("--deepinv-weight", default="auto", help="deepinv DPS weight(s), comma-separated, or 'auto'")
     p.add_argument("--no-deepinv", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             for task in args.tasks.split(","):
                 op, y = measure(task, setup.truth, s)
                 rule, zeta = GUIDANCE[kind][task]
+                rule, zeta = args.rule or rule, zeta if args.zeta is None else args.zeta
                 row = {"kind": kind, "task": task, "steps": steps, "rule": rule, "zeta": zeta, "unguided": unguided}
                 t1 = time.perf_counter()
                 try:
