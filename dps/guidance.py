@@ -193,9 +193,10 @@ def ddpm_step_size(rule: str, zeta: float, beta: float) -> float:
     return zeta
 
 
-def x0_jacobian(sigma: float, sigma_data: float = 0.5) -> float:
-    """∂x0_hat/∂x for ``x = x0 + σε`` under a Gaussian prior N(0, σ_d²): σ_d²/(σ_d² + σ²) (mode "x0_only")."""
-    return sigma_data**2 / (sigma_data**2 + sigma**2)
+def x0_jacobian(sigma: float, sigma_data: float = 0.5, alpha: float = 1.0) -> float:
+    """∂x0_hat/∂x for ``x = α x0 + σε`` under a Gaussian prior N(0, σ_d²): α σ_d²/(α² σ_d² + σ²)
+    (mode "x0_only"); α = 1 for k-diffusion's x = x0 + σε, α = 1 − σ for rectified-flow models (SD3, FLUX)."""
+    return alpha * sigma_data**2 / (alpha**2 * sigma_data**2 + sigma**2)
 
 
 def vp_x0_jacobian(alpha_cumprod: float, sigma_data: float = 0.5) -> float:
@@ -205,7 +206,7 @@ def vp_x0_jacobian(alpha_cumprod: float, sigma_data: float = 0.5) -> float:
 
 
 def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | None, rule: str,
-                        zeta: float) -> torch.Tensor:
+                        zeta: float, alpha: float = 1.0) -> torch.Tensor:
     """The change of the denoised prediction ``D(x, σ)`` that applies guidance in σ-space samplers.
 
     For ``x = x0 + σε`` and an Euler step ``x_next = x + (σ_next − σ)(x − D)/σ``:
@@ -215,7 +216,11 @@ def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | N
       Used too when the step is unknown (``delta_sigma`` is None).
     * Euler-calibrated form (rules "dps", "dps_paper"): ``D' = D − ζ ∇d · σ / Δσ`` with ``Δσ = σ − σ_next``,
       so one Euler step moves x by exactly ``−ζ ∇d``, the x-space DPS step.
+
+    Flow models (``x = α x0 + σε``, α = 1 − σ, with the same Euler step on d = (x − D)/σ as ComfyUI uses):
+    Tweedie gives ``E[x0|x] = (x + σ²∇log p(x))/α``, so the posterior-score form becomes
+    ``D' = D + (σ²/α)∇log p(y|x)``; the Euler-calibrated form is unchanged.
     """
     if rule == "schedule" or delta_sigma is None or delta_sigma <= 0:
-        return -zeta * sigma**2 * grad
+        return -zeta * sigma**2 / alpha * grad
     return -zeta * (sigma / delta_sigma) * grad

@@ -100,16 +100,17 @@ def schedule_step(sigma: float, sigmas: torch.Tensor | None) -> float | None:
 
 
 def guided_denoised(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,
-                    x: torch.Tensor) -> torch.Tensor:
+                    x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``D' = x0_hat + correction`` for one σ-space evaluation, as ``dps.sampling.GuidedDenoiser``.
 
     ``result.grad`` is per sample; ``sigma`` the current level; ``delta_sigma`` the step (None: the
-    posterior-score form). The step the correction causes is checked for divergence.
+    posterior-score form); ``alpha`` the signal scale of ``x = α x0 + σε`` (1 − σ for flow models).
+    The step the correction causes is checked for divergence.
     """
     grad = result.grad
     if guidance.mode == "x0_only":
-        grad = grad * x0_jacobian(sigma, guidance.sigma_data)
-    correction = denoised_correction(grad, sigma, delta_sigma, guidance.rule, guidance.zeta)
+        grad = grad * x0_jacobian(sigma, guidance.sigma_data, alpha)
+    correction = denoised_correction(grad, sigma, delta_sigma, guidance.rule, guidance.zeta, alpha)
     scale = (delta_sigma / sigma) if delta_sigma else 1.0
     step = guidance.check_step(correction * scale, x)
     return result.x0_hat + (step / scale).to(result.x0_hat.dtype)

@@ -204,7 +204,8 @@ class DPSPatch:
 
         result = self.guidance.evaluate(x, x0_fn)
         self.run.distances.append(result.distance.cpu())
-        out = guided_denoised(result, self.guidance, sigma, schedule_step(sigma, sigmas), x)
+        out = guided_denoised(result, self.guidance, sigma, schedule_step(sigma, sigmas), x,
+                              alpha=signal_scale(inner.model_sampling, sigma))
         if self.interrupt is not None:
             self.interrupt()
         return out
@@ -288,3 +289,18 @@ def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operato
     if surrogate is None and getattr(vae, "patcher", None) is not None:
         m.set_additional_models("dps_vae", [vae.patcher])   # loaded to the GPU with the UNet for the run
     return m, patch
+
+
+def signal_scale(model_sampling: Any, sigma: float) -> float:
+    """α in ``x = α x0 + σε`` for the host's model sampling: 1 for ε/v models, 1 − σ for flow models
+    (read off ``noise_scaling``, which ComfyUI defines for every model type, so no class is named)."""
+    scaling = getattr(model_sampling, "noise_scaling", None)
+    if scaling is None:
+        return 1.0
+    try:
+        with torch.no_grad():
+            alpha = scaling(torch.tensor([sigma]), torch.zeros(1), torch.ones(1))
+        alpha = float(alpha.flatten()[0])
+    except Exception:  # an unusual model sampling: fall back to the k-diffusion convention
+        return 1.0
+    return alpha if 0.0 < alpha <= 1.0 else 1.0

@@ -217,3 +217,23 @@ def test_tweedie_inverts_the_forward_process():
     torch.testing.assert_close(tweedie_x0(x_t, eps, ac), x0)
     # the DDPM posterior mean at x0 known exactly lies between x_t's signal and x0
     assert ddpm_posterior_step(x_t, x0, ac, 0.5, 1 - ac / 0.5, None).shape == x0.shape
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_x0_jacobian_matches_the_gaussian_prior_denoiser(alpha):
+    from dps.guidance import x0_jacobian
+    sigma, s_d = 0.8, 0.5
+    # x = alpha x0 + sigma eps, x0 ~ N(0, s_d^2): E[x0|x] = alpha s_d^2 x / (alpha^2 s_d^2 + sigma^2)
+    x = torch.randn(5, requires_grad=True)
+    d = alpha * s_d**2 * x / (alpha**2 * s_d**2 + sigma**2)
+    (jac,) = torch.autograd.grad(d.sum(), x)
+    torch.testing.assert_close(jac, torch.full((5,), x0_jacobian(sigma, s_d, alpha)))
+
+
+def test_posterior_score_form_for_flow_models_divides_by_alpha():
+    g = torch.ones(1, 1, 2, 2)
+    torch.testing.assert_close(denoised_correction(g, 0.5, None, "schedule", 1.0, alpha=0.5),
+                               -(0.5**2 / 0.5) * g)
+    # the Euler-calibrated form does not depend on alpha
+    torch.testing.assert_close(denoised_correction(g, 0.5, 0.1, "dps", 1.0, alpha=0.5),
+                               denoised_correction(g, 0.5, 0.1, "dps", 1.0))

