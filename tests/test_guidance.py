@@ -163,7 +163,7 @@ def test_euler_calibrated_correction_moves_x_exactly_as_the_x_space_step():
     sigmas = torch.tensor([2.0, 1.2, 0.0], dtype=torch.float64)
     x = 2.0 * torch.randn(2, 3, 16, 16)
     zeta = 0.4
-    guided = euler_sample(denoiser, x, sigmas[:2], guidance=DPSGuidance(op, Gaussian(0.05), y, zeta=zeta))
+    guided = euler_sample(denoiser, x, sigmas[:2], guidance=DPSGuidance(op, Gaussian(0.05), y, zeta=zeta, rule="dps"))
     plain = euler_sample(denoiser, x, sigmas[:2])
     grad = DPSGuidance(op, Gaussian(0.05), y).evaluate(x, lambda x_: denoiser(x_, x_.new_full((2,), 2.0))).grad
     torch.testing.assert_close(guided, plain - zeta * grad, rtol=1e-5, atol=1e-5)
@@ -204,7 +204,7 @@ def test_guidance_lowers_the_residual_in_every_sampler(sampler, mode):
 def test_guidance_window_limits_the_steps():
     _, op, y = make_problem(batch=1)
     seen = []
-    g = DPSGuidance(op, Gaussian(0.05), y, zeta=1.0, start=0.5, end=1.0)
+    g = DPSGuidance(op, Gaussian(0.05), y, zeta=1.0, rule="dps", start=0.5, end=1.0)
     ddpm_sample(gaussian_prior_eps(), (1, 3, 16, 16), steps=10, guidance=g,
                 generator=torch.Generator().manual_seed(0), callback=lambda i: seen.append(i["distance"] is not None))
     assert seen == [False] * 5 + [True] * 5
