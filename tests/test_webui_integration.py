@@ -145,3 +145,102 @@ def test_live_txt2img_through_the_api():
         return float((SuperResolution(factor=factor)(x) - y).norm())
 
     assert residual(guided["images"][0]) < residual(plain["images"][0])
+
+
+def _real_cfg_denoiser_module(root: Path, fake: dict):
+    """The host's own ``modules/sd_samplers_cfg_denoiser.py``, loaded by file over fake ``modules``
+    packages: prompt parsing, callbacks and the refiner are stubbed, the forward itself is the host's."""
+    import importlib.util
+    import types
+
+    prompt_parser = types.ModuleType("modules.prompt_parser")
+    prompt_parser.reconstruct_multicond_batch = lambda c, step: ([[(i, 1.0)] for i in range(c.shape[0])], c)
+    prompt_parser.reconstruct_cond_batch = lambda c, step: c
+    common = types.ModuleType("modules.sd_samplers_common")
+    common.InterruptedException = type("InterruptedException", (BaseException,), {})
+    common.apply_refiner = lambda denoiser, sigma=None: False
+    common.store_latent = lambda latent: setattr(fake["modules.shared"].state, "current_latent", latent)
+    callbacks = fake["modules.script_callbacks"]
+    class CFGDenoiserParams:  # modules/script_callbacks.py: the fields forward reads back
+        def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond,
+                     denoiser=None):
+            self.x, self.image_cond, self.sigma = x, image_cond, sigma
+            self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
+
+    callbacks.CFGDenoiserParams = CFGDenoiserParams
+    for name in ("CFGDenoisedParams", "AfterCFGCallbackParams"):
+        setattr(callbacks, name, type(name, (), {"__init__": lambda self, x, *a, **k: setattr(self, "x", x)}))
+    for name in ("cfg_denoiser_callback", "cfg_denoised_callback", "cfg_after_cfg_callback"):
+        setattr(callbacks, name, lambda params: None)
+    shared = fake["modules.shared"]
+    shared.state.skipped, shared.state.sampling_step, shared.state.sampling_steps = False, 0, 12
+    for key, value in dict(live_preview_content="Prompt", skip_early_cond=0.0, s_min_uncond_all=False,
+                           pad_cond_uncond=False, pad_cond_uncond_v0=False, batch_cond_uncond=True).items():
+        setattr(shared.opts, key, value)
+    shared.opts.__dict__.setdefault("live_preview_content", "Prompt")
+    shared.state.__dict__.setdefault("interrupted", False)
+    fake["modules"].prompt_parser, fake["modules"].sd_samplers_common = prompt_parser, common
+    extra = {"modules.prompt_parser": prompt_parser, "modules.sd_samplers_common": common}
+    spec = importlib.util.spec_from_file_location("modules.sd_samplers_cfg_denoiser",
+                                                  root / "modules" / "sd_samplers_cfg_denoiser.py")
+    module = importlib.util.module_from_spec(spec)
+    return module, spec, extra
+
+
+def test_the_hosts_own_cfg_denoiser_forward_is_guided(monkeypatch):
+    """The A1111 CFGDenoiser.forward from WEBUI_PATH (cond/uncond batching, CFG, preview side outputs), driven
+    by a no_grad Euler loop with the DPS wrapper installed by the script: the residual must fall."""
+    root = _root()
+    if _is_forge(root):
+        pytest.skip("Forge's CFGDenoiser delegates to its backend; its post-CFG path is covered by the fakes")
+    import sys
+
+    from conftest import ROOT
+    from dps_webui.settings import ARG_NAMES, DPSSettings
+    from fakes import webui_host as host
+
+    fake = host.make_modules()
+    module, spec, extra = _real_cfg_denoiser_module(root, fake)
+    for name, value in {**fake, **extra}.items():
+        monkeypatch.setitem(sys.modules, name, value)
+    spec.loader.exec_module(module)
+    script_module, [script_class] = host.load_script(ROOT / "scripts" / "dps_guidance.py", ROOT)
+    shared = fake["modules.shared"]
+    sd_model = host.SdModel()
+    sd_model.cond_stage_key = "txt"
+    shared.sd_model = sd_model
+
+    class RealDenoiser(module.CFGDenoiser):  # the host's CFGDenoiserKDiffusion, minus k_diffusion's import
+        @property
+        def inner_model(self):
+            return self.model_wrap
+
+    class Sampler(host.KDiffusionSampler):
+        def __init__(self, p):
+            super().__init__(sd_model, shared)
+            self.model_wrap_cfg = RealDenoiser(self)
+            self.model_wrap_cfg.model_wrap = self.model_wrap
+            self.model_wrap_cfg.p, self.model_wrap_cfg.total_steps = p, p.steps
+
+        def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+            image_conditioning = torch.zeros(x.shape[0], 5, 1, 1)
+            # the host's conds are (batch, tokens, width) tensors
+            return super().sample(p, x, conditioning.view(-1, 1, 1), unconditional_conditioning.view(-1, 1, 1), steps,
+                                  image_conditioning)
+
+    with torch.no_grad():
+        truth = sd_model.decode_first_stage(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5)
+    from dps.operators import SuperResolution
+    y = SuperResolution(factor=4)(truth)
+    upload = ((y[0].permute(1, 2, 0) + 1) / 2).numpy()
+    settings = dict(enabled=True, task="super_resolution", sr_factor=4, source="upload", image=upload, zeta=10.0,
+                    noise_sigma=0.01)
+    args = [settings.get(n, getattr(DPSSettings(), n)) for n in ARG_NAMES]
+    plain, _ = host.process_images(host.Processing(sd_model), [], [], Sampler)
+    p = host.Processing(sd_model)
+    guided, info = host.process_images(p, [script_class()], args, Sampler)
+    residual = lambda image: float((SuperResolution(factor=4)(image) - y).norm())  # noqa: E731
+    assert "DPS error" not in info and "DPS note" not in info, info
+    print(f"host forward: residual guided {residual(guided):.4f} vs unguided {residual(plain):.4f}")
+    assert residual(guided) < 0.5 * residual(plain), (residual(guided), residual(plain))
+    assert not any(p.sampler.preview_had_grad)

@@ -177,7 +177,7 @@ class ToyUNet(torch.nn.Module):
         s = sigma.view(-1, 1, 1, 1)
         c_in = 1 / (s**2 + SIGMA_DATA**2).sqrt()
         prior = x * SIGMA_DATA**2 / (SIGMA_DATA**2 + s**2)
-        return prior + 0.2 * torch.tanh(self.conv(x * c_in)) + 0.05 * cond.view(-1, 1, 1, 1)
+        return prior + 0.2 * torch.tanh(self.conv(x * c_in)) + 0.05 * cond.reshape(x.shape[0], -1).mean(1).view(-1, 1, 1, 1)
 
 
 class CompVisDenoiserLike(torch.nn.Module):
@@ -291,6 +291,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None):
 
 class KDiffusionSampler:
     def __init__(self, sd_model, shared, func=sample_euler):
+        self.shared = shared
         self.model_wrap = CompVisDenoiserLike(sd_model.unet)
         self.model_wrap_cfg = CFGDenoiser(self, shared)
         self.func = func
@@ -305,7 +306,7 @@ class KDiffusionSampler:
         return torch.cat([sigmas, sigmas.new_zeros([1])])
 
     def callback_state(self, d):
-        shared = self.model_wrap_cfg.shared
+        shared = self.shared
         self.preview_had_grad.append(bool(shared.state.current_latent.requires_grad
                                           or self.last_latent.requires_grad or d["denoised"].requires_grad))
         self.last_latent = d["denoised"]
@@ -347,6 +348,7 @@ class EpsFromDenoiser(torch.nn.Module):
 
 class DDIMSampler(KDiffusionSampler):
     def __init__(self, sd_model, shared):
+        self.shared = shared
         self.model_wrap = EpsFromDenoiser(sd_model.unet, sd_model.alphas_cumprod)
         self.model_wrap_cfg = CFGDenoiserTimesteps(self, shared, sd_model.alphas_cumprod)
         self.last_latent = None
