@@ -65,10 +65,6 @@ class LinearOperator(Operator):
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def image_shape_for(self, y: torch.Tensor) -> tuple[int, ...]:
-        """The image shape whose measurement has the shape of ``y`` (used by the least-squares solve)."""
-        return tuple(self.adjoint(y).shape)
-
     def pseudo_inverse(self, y: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
         return conjugate_gradient_pinv(self, y, iterations=iterations, tol=tol)
 
