@@ -46,8 +46,8 @@ def hio(y: torch.Tensor, op: PhaseRetrieval, iterations: int = 300, beta: float 
         generator: torch.Generator | None = None) -> torch.Tensor:
     """Fienup's hybrid input-output (1982) with the support of the unpadded image and values in [-1, 1],
     from a random start; the classical non-learned solver for this measurement."""
-    ph, pw = _pr_pad(op, y)
-    h, w = y.shape[-2] - 2 * ph, y.shape[-1] - 2 * pw
+    h, w = op.image_size(*y.shape[-2:])
+    ph, pw = op.padding(h, w)
     x = torch.rand((y.shape[0], y.shape[1], h, w), generator=generator, dtype=y.dtype).to(y.device) * 2 - 1
     z = F.pad(x, (pw, pw, ph, ph))
     support = F.pad(torch.ones_like(x), (pw, pw, ph, ph)) > 0.5
@@ -59,15 +59,6 @@ def hio(y: torch.Tensor, op: PhaseRetrieval, iterations: int = 300, beta: float 
         ok = support & (z_new >= -1) & (z_new <= 1)
         z = torch.where(ok, z_new, z - beta * z_new)
     return z[..., ph:ph + h, pw:pw + w].clamp(-1, 1)
-
-
-def _pr_pad(op: PhaseRetrieval, y: torch.Tensor) -> tuple[int, int]:
-    # y side = n + 2 int(o/8 n); find n by search (small sizes)
-    for n in range(1, y.shape[-2] + 1):
-        ph = op.padding(n, n)[0]
-        if n + 2 * ph == y.shape[-2]:
-            return ph, ph
-    raise ValueError("cannot infer the image size from the phase-retrieval measurement")
 
 
 def candidates(op, y: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

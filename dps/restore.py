@@ -56,15 +56,12 @@ def read_measurement(path: Path, task: str) -> torch.Tensor:
     return read_image(path)[None]
 
 
-def _image_size(task: str, y: torch.Tensor, factor: int, oversample: float = 2.0) -> tuple[int, int]:
+def _image_size(task: str, y: torch.Tensor, factor: int) -> tuple[int, int]:
     h, w = y.shape[-2:]
     if task == "super_resolution":
         return h * factor, w * factor
     if task == "phase_retrieval":
-        sizes = [n for n in range(1, h + 1) if n + 2 * int(oversample / 8 * n) == h]
-        if not sizes:
-            raise ValueError(f"a {h}x{w} image cannot be a phase-retrieval measurement (side n + 2*int(n/4))")
-        return sizes[0], sizes[0]
+        return PhaseRetrieval(2.0).image_size(h, w)
     return h, w
 
 

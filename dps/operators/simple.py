@@ -25,6 +25,16 @@ class PhaseRetrieval(Operator):
     def padding(self, h: int, w: int) -> tuple[int, int]:
         return int(self.oversample / 8 * h), int(self.oversample / 8 * w)
 
+    def image_size(self, measurement_h: int, measurement_w: int) -> tuple[int, int]:
+        """The (H, W) whose padded spectrum has the measurement's size; ValueError if there is none."""
+        def side(m: int) -> int:
+            for n in range(1, m + 1):
+                if n + 2 * int(self.oversample / 8 * n) == m:
+                    return n
+            raise ValueError(f"{measurement_h}x{measurement_w} cannot be a phase-retrieval measurement with "
+                             f"oversample {self.oversample} (its side is n + 2*int(oversample/8*n))")
+        return side(measurement_h), side(measurement_w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x)
         ph, pw = self.padding(*x.shape[-2:])
