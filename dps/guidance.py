@@ -16,6 +16,16 @@ Step rules (``RULES``):
   sampler's own score coefficient: ``β_t/√α_t`` in DDPM (large early, small late, and growing
   automatically when steps are respaced), ``σ²`` in the denoiser (σ-space) form. deepinv's DPS does the
   same through its SDE solver.
+* ``"polyak"``: a relaxation of the residual toward the noise floor at rate ζ per unit of log σ. With ``g`` the
+  x-space gradient of ``d`` and ``d* = E‖n‖`` (``NoiseModel.expected_distance``), the direction is Polyak's
+  step for reaching a known target value (Polyak 1987, *Introduction to Optimization*, §5.3),
+  ``P = (d − d*)₊ / ‖g‖² · g``; to first order, moving x by ``−εP`` removes the fraction ε of the excess
+  residual ``d − d*``, whatever the scale of ``A``, of the decoder's Jacobian or of the image. σ-space
+  samplers get ``D' = D − ζP`` (``denoised_correction``): a correction that does not depend on the step,
+  so an Euler step from σ to σ − Δσ removes ζΔσ/σ of the excess, multistep solvers see a smooth guided
+  denoiser, and ζ does not have to change with the step count. DDPM/DDIM take the same x-step,
+  ``ζ (1 − σ_{t−1}/σ_t) P`` with ``σ_t = √((1 − ᾱ_t)/ᾱ_t)``. One ζ (≈ 1) serves tasks whose constant-rule
+  ζ differ tenfold (``bench/host_defaults.py``).
 
 Gradient modes (``MODES``): ``"full"`` backpropagates through the denoiser (and decoder); ``"x0_only"``
 differentiates with respect to ``x0_hat`` alone (MPGD, He et al. 2024), several times cheaper, and
@@ -37,7 +47,7 @@ import torch
 from .noise import NoiseModel
 from .operators import Operator
 
-RULES = ("dps", "dps_paper", "schedule")
+RULES = ("dps", "dps_paper", "schedule", "polyak")
 MODES = ("full", "x0_only")
 ON_NONFINITE = ("raise", "skip")
 
@@ -144,6 +154,36 @@ class DPSGuidance:
             grad = grad / distance.clamp_min(torch.finfo(distance.dtype).tiny).view(-1, *([1] * (grad.ndim - 1)))
         return self._checked(GuidanceResult(x0_hat.detach(), distance, grad), x_t)
 
+    def step_gradient(self, result: GuidanceResult, jacobian: float = 1.0,
+                      limit: torch.Tensor | None = None) -> torch.Tensor:
+        """The x-space direction the rule steps along: the sampler's update is ``−size · step_gradient``.
+
+        ``jacobian`` maps an x0-space gradient (mode "x0_only") to x-space (``x0_jacobian``); it is ignored
+        in mode "full". For rule "polyak" the direction carries the per-sample Polyak factor
+        ``(d − d*)₊ / ‖g‖²`` (see the module docstring). In mode "x0_only" it is computed on the x0-space
+        gradient and not mapped: P is then the step of x0_hat that removes the excess residual (MPGD's
+        update of x0_hat, He et al. 2024). Mapping it through the Gaussian Jacobian J would divide it by J,
+        i.e. multiply it by (σ² + σ_d²)/σ_d² (~800 at σ = 14), and the real denoiser's response to such a
+        jump of x is far from J's.
+
+        Trust region ("polyak" only): with ``limit`` (per sample, e.g. the RMS of the sampler's x) the
+        direction is shrunk per sample so that the RMS of ``ζP`` is at most ``limit``: guidance never moves
+        the prediction by more than the size of the sample itself. Where the denoiser hardly depends on x
+        (small ‖g‖) Polyak's first-order step would otherwise be a jump the network's response does not follow.
+        """
+        if self.rule != "polyak":
+            return result.grad * jacobian if self.mode == "x0_only" else result.grad
+        grad = result.grad
+        floor = self.noise.expected_distance(_normal(self.y)).to(result.distance)
+        excess = (result.distance - floor).clamp_min(0)
+        norm2 = grad.float().flatten(1).square().sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+        factor = excess.float() / norm2
+        if limit is not None and self.zeta > 0:
+            rms = factor * norm2.sqrt() / grad[0].numel() ** 0.5  # RMS of P, per sample
+            bound = limit.float().to(rms.device) / self.zeta
+            factor = factor * (bound / rms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        return grad * factor.to(grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
+
     def distance(self, x0_hat: torch.Tensor) -> torch.Tensor:
         """Per-sample ``d = ‖residual(y, A(D(x0_hat)))‖`` (differentiable), computed in float32 at least."""
         image = self.decoder(x0_hat) if self.decoder is not None else x0_hat
@@ -183,15 +223,22 @@ class DPSGuidance:
         return torch.zeros_like(step)
 
 
-def ddpm_step_size(rule: str, zeta: float, beta: float) -> float:
+def ddpm_step_size(rule: str, zeta: float, beta: float, alpha_cumprod: float | None = None) -> float:
     """The factor multiplying the gradient in a DDPM/DDIM x-space update ``x_{t-1} = x'_{t-1} − size · grad``.
 
-    "dps"/"dps_paper": ζ (constant). "schedule": ζ β_t / √(1 − β_t), the coefficient of the score in the
+    "dps"/"dps_paper": ζ (constant). "polyak": ζ (1 − σ_{t−1}/σ_t) with σ² = (1 − ᾱ)/ᾱ and
+    ᾱ_{t−1} = ᾱ_t/(1 − β_t) (needs ``alpha_cumprod``, ᾱ_t; the per-sample factor is in ``step_gradient``). "schedule": ζ β_t / √(1 − β_t), the coefficient of the score in the
     DDPM posterior mean ``μ = (x_t + β_t ∇log p_t(x_t)) / √α_t`` (Ho et al. 2020, eq. 11), applied to
     the likelihood score ``∇log p(y|x_t) ≈ −ζ ∇d``.
     """
     if rule == "schedule":
         return zeta * beta / math.sqrt(1.0 - beta)
+    if rule == "polyak":
+        if alpha_cumprod is None:
+            raise ValueError("the 'polyak' rule needs alpha_cumprod for its DDPM step size")
+        ac_prev = min(alpha_cumprod / (1.0 - beta), 1.0)
+        sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+        return zeta * (1.0 - math.sqrt((1 - ac_prev) / ac_prev) / sigma)
     return zeta
 
 
@@ -207,6 +254,11 @@ def vp_x0_jacobian(alpha_cumprod: float, sigma_data: float = 0.5) -> float:
     return math.sqrt(alpha_cumprod) * sigma_data**2 / (alpha_cumprod * sigma_data**2 + 1 - alpha_cumprod)
 
 
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square, float32, shape (B,)."""
+    return x.detach().float().flatten(1).square().mean(1).sqrt()
+
+
 def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | None, rule: str,
                         zeta: float, alpha: float = 1.0) -> torch.Tensor:
     """The change of the denoised prediction ``D(x, σ)`` that applies guidance in σ-space samplers.
@@ -218,11 +270,14 @@ def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | N
       Used too when the step is unknown (``delta_sigma`` is None).
     * Euler-calibrated form (rules "dps", "dps_paper"): ``D' = D − ζ ∇d · σ / Δσ`` with ``Δσ = σ − σ_next``,
       so one Euler step moves x by exactly ``−ζ ∇d``, the x-space DPS step.
+    * rate form (rule "polyak", ``grad`` = its Polyak direction P): ``D' = D − ζP`` whatever the step.
 
     Flow models (``x = α x0 + σε``, α = 1 − σ, with the same Euler step on d = (x − D)/σ as ComfyUI uses):
     Tweedie gives ``E[x0|x] = (x + σ²∇log p(x))/α``, so the posterior-score form becomes
     ``D' = D + (σ²/α)∇log p(y|x)``; the Euler-calibrated form is unchanged.
     """
+    if rule == "polyak":
+        return -zeta * grad
     if rule == "schedule" or delta_sigma is None or delta_sigma <= 0:
         return -zeta * sigma**2 / alpha * grad
     return -zeta * (sigma / delta_sigma) * grad

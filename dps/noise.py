@@ -33,6 +33,11 @@ class NoiseModel:
                              "the measurement must be made with the same operator and image size")
         return self.residual(y, ax).flatten(1).norm(dim=1)
 
+    def expected_distance(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample E‖residual(y, A x0)‖ at the true image, ≈ √(E‖n‖²): the floor below which fitting
+        ``y`` only fits the noise (used by the "polyak" step rule). Shape (B,) for ``y`` of batch B."""
+        return y.new_zeros(y.shape[0])
+
 
 class Noiseless(NoiseModel):
     """``y = A(x)`` exactly."""
@@ -54,6 +59,10 @@ class Gaussian(NoiseModel):
 
     def sample(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return clean + self.sigma * _randn_like(clean, generator)
+
+    def expected_distance(self, y: torch.Tensor) -> torch.Tensor:
+        """σ√m for m measured values per sample (E‖n‖² = mσ²)."""
+        return y.new_full((y.shape[0],), self.sigma * y[0].numel() ** 0.5)
 
     def __repr__(self) -> str:
         return f"Gaussian(sigma={self.sigma})"
@@ -95,6 +104,13 @@ class Poisson(NoiseModel):
         k_plus_1 = (self.counts_at_white * (y.detach() + 1) / 2).clamp_min(0) + 1
         weights = (k_plus_1.flatten(1).mean(1).view(-1, *([1] * (y.ndim - 1))) / k_plus_1).sqrt()
         return (y - ax) * weights
+
+    def expected_distance(self, y: torch.Tensor) -> torch.Tensor:
+        """√(Σ_i w_i² Var y_i) with Var y_i = 4λ_i/c² and the rate λ_i estimated by the count k_i:
+        ``2/c · √(mean_j(k_j + 1) · Σ_i k_i/(k_i + 1))``."""
+        c = self.counts_at_white
+        k = (c * (y.detach() + 1) / 2).clamp_min(0)
+        return 2 / c * ((k + 1).flatten(1).mean(1) * (k / (k + 1)).flatten(1).sum(1)).sqrt()
 
     def __repr__(self) -> str:
         return f"Poisson(rate={self.rate})"

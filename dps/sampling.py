@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .guidance import (DPSGuidance, GuidanceResult, ddpm_step_size, denoised_correction, vp_x0_jacobian,
-                       x0_jacobian)
+                       rms, x0_jacobian)
 from .progress import progress_bar
 from .schedule import Respaced, alphas_cumprod_from_betas, linear_betas, respace
 
@@ -59,8 +59,8 @@ def _guided_update(x_prev: torch.Tensor, x_t: torch.Tensor, result: GuidanceResu
                    guidance: DPSGuidance | None, beta: float, ac: float) -> torch.Tensor:
     if result is None or guidance is None:
         return x_prev
-    grad = result.grad * vp_x0_jacobian(ac, guidance.sigma_data) if guidance.mode == "x0_only" else result.grad
-    step = guidance.check_step(ddpm_step_size(guidance.rule, guidance.zeta, beta) * grad, x_t)
+    grad = guidance.step_gradient(result, vp_x0_jacobian(ac, guidance.sigma_data), limit=rms(x_t))
+    step = guidance.check_step(ddpm_step_size(guidance.rule, guidance.zeta, beta, ac) * grad, x_t)
     return x_prev - step
 
 
@@ -148,9 +148,7 @@ class GuidedDenoiser:
                 return self.denoiser(x, s_in)
         result = self.guidance.evaluate(x, lambda x_: self.denoiser(x_, s_in))
         self.last_distance = result.distance
-        grad = result.grad
-        if self.guidance.mode == "x0_only":
-            grad = grad * x0_jacobian(sigma, self.guidance.sigma_data)
+        grad = self.guidance.step_gradient(result, x0_jacobian(sigma, self.guidance.sigma_data), limit=rms(x))
         correction = denoised_correction(grad, sigma, delta_sigma, self.guidance.rule, self.guidance.zeta)
         # The x-step this correction causes in one Euler step is (Δσ/σ)·correction.
         scale = (delta_sigma / sigma) if delta_sigma else 1.0

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from dps.guidance import DPSGuidance, vp_x0_jacobian
+from dps.guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from dps.host import guided_denoised, schedule_step
 
 Log = Callable[[str], None]
@@ -114,18 +114,21 @@ class SigmaClock:
         return min(max(progress, 0.0), 1.0), delta
 
 
-def eps_correction(guidance: DPSGuidance, grad: torch.Tensor, x: torch.Tensor, alpha_cumprod: float,
+def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tensor, alpha_cumprod: float,
                    alpha_cumprod_next: float | None) -> torch.Tensor:
     """The change δ of ε̂ that applies the DPS step in timestep samplers (DDIM family), ``ε' = ε + δ``.
 
     Rules "dps"/"dps_paper" with the next ᾱ known: DDIM is Euler in σ = √((1−ᾱ)/ᾱ) on x/√ᾱ, and
     ``δ = ζ∇d / (Δσ √ᾱ_next)`` moves one deterministic DDIM step by exactly −ζ∇d (x-space DPS).
+    Rule "polyak" (rate form, ``D' = D − ζP`` on x/√ᾱ, P its Polyak direction in x): ``δ = ζP/√(1−ᾱ)``.
     Otherwise (rule "schedule", or the first step) the score form ``δ = ζ √(1−ᾱ) ∇d``
     (∇log p(y|x_t) ≈ −ζ∇d enters ε as −√(1−ᾱ)·score; Dhariwal & Nichol 2021, eq. 14).
     """
-    if guidance.mode == "x0_only":
-        grad = grad * vp_x0_jacobian(alpha_cumprod, guidance.sigma_data)
+    grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data),
+                                  limit=rms(x))
     step = guidance.check_step(guidance.zeta * grad, x)
+    if guidance.rule == "polyak":
+        return step / math.sqrt(1.0 - alpha_cumprod)
     if guidance.rule == "schedule" or alpha_cumprod_next is None:
         return math.sqrt(1.0 - alpha_cumprod) * step
     sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
@@ -219,7 +222,7 @@ class DenoiserWrapper:
             t = int(round(s))
             t_next = None if delta is None else t - int(round(delta))
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
-            return out + eps_correction(self.guidance, result.grad, x, float(alphas[t]), next_ac).to(out.dtype)
+            return out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
         return guided_denoised(result, self.guidance, s, delta, x).to(out.dtype)  # result.x0_hat is out
 
     def _clean_side_outputs(self) -> None:

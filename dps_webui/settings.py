@@ -14,6 +14,7 @@ import torch
 from dps import noise as dps_noise
 from dps import operators as ops
 from dps.guidance import MODES, RULES
+from dps.host import HOST_RULE, HOST_ZETA
 
 TASKS = ("super_resolution", "inpainting", "gaussian_blur", "motion_blur", "grayscale", "phase_retrieval")
 NOISES = ("gaussian", "poisson", "noiseless")
@@ -43,8 +44,8 @@ class DPSSettings:
     noise: str = "gaussian"
     noise_sigma: float = 0.05
     poisson_rate: float = 1.0
-    zeta: float = 1.0
-    rule: str = "dps"
+    zeta: float = HOST_ZETA
+    rule: str = HOST_RULE
     mode: str = "full"
     start: float = 0.0
     end: float = 1.0

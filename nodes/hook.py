@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ..dps.guidance import MODES, RULES, DPSGuidance
+from ..dps.host import HOST_RULE as DEFAULT_RULE
+from ..dps.host import HOST_ZETA as DEFAULT_ZETA
 from ..dps.host import (guided_denoised, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
                         normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
@@ -41,8 +43,8 @@ log = logging.getLogger("dps_guidance")
 class Settings:
     """The Apply node's options (see the node's tooltips)."""
 
-    zeta: float = 1.0
-    rule: str = "dps"
+    zeta: float = DEFAULT_ZETA
+    rule: str = DEFAULT_RULE
     mode: str = "full"
     start_percent: float = 0.0
     end_percent: float = 1.0

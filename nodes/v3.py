@@ -17,7 +17,7 @@ from ..dps.guidance import MODES, RULES
 from ..dps.operators import GaussianBlur, Grayscale, PhaseRetrieval, SuperResolution
 from ..dps.operators.resample import FILTERS as FILTERS_SR
 from . import builders
-from .hook import OUTER_SAMPLE, PRECISIONS, PREDICT_NOISE, Settings, apply_dps
+from .hook import DEFAULT_RULE, DEFAULT_ZETA, OUTER_SAMPLE, PRECISIONS, PREDICT_NOISE, Settings, apply_dps
 
 CATEGORY = "sampling/dps"
 Operator = io.Custom("DPS_OPERATOR")
@@ -281,13 +281,16 @@ class DPSApply(io.ComfyNode):
                 io.Image.Input("measurement", tooltip="The degraded picture to restore (small, blurred, with holes)."),
                 Operator.Input("operator", tooltip="How the measurement was made from the picture."),
                 Noise.Input("noise", tooltip="How noisy the measurement is."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="Guidance strength zeta. 0 = off; raise it if the result drifts from the "
-                                       "measurement, lower it if colours blow out."),
-                io.Combo.Input("step_rule", options=list(RULES), default="dps",
-                               tooltip="dps: the paper's code, a fixed step per sampler step. dps_paper: the paper's "
-                                       "Algorithm 1 (dps with half the strength). schedule: scaled with the noise "
-                                       "level, gentle early, firm late."),
+                io.Float.Input("strength", default=DEFAULT_ZETA, min=0.0, max=100.0, step=0.05,
+                               tooltip="Guidance strength zeta. 0 = off. With the polyak rule: how fast the result is "
+                                       "pulled onto the measurement (1 = by default; 0.5-2 is the useful range). Raise "
+                                       "it if the result drifts from the measurement, lower it if colours blow out."),
+                io.Combo.Input("step_rule", options=list(RULES), default=DEFAULT_RULE,
+                               tooltip="polyak: each step removes a set share of the mismatch with the measurement, so "
+                                       "one strength suits every task and step count (recommended). dps: the paper's "
+                                       "code, a fixed step per sampler step (needs a strength per task). dps_paper: "
+                                       "the paper's Algorithm 1 (dps with half the strength). schedule: scaled with "
+                                       "the noise level, gentle early, firm late."),
                 io.Combo.Input("gradient", options=list(MODES), default="full",
                                tooltip="full: through the UNet, as the paper (slower, more memory). x0_only: through "
                                        "the VAE only, about 2x faster, weaker early on."),

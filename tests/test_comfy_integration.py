@@ -176,7 +176,7 @@ def _run_prompt(url: str, prompt: dict, timeout: float = 600) -> dict:
     pytest.fail(f"prompt {pid} did not finish in {timeout} s")
 
 
-def _workflow(operator: dict, sampler: str = "euler", strength: float = STRENGTH) -> dict:
+def _workflow(operator: dict, sampler: str = "euler", strength: float = STRENGTH, rule: str = "dps") -> dict:
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd15_unet.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
@@ -187,7 +187,7 @@ def _workflow(operator: dict, sampler: str = "euler", strength: float = STRENGTH
         "7": {"class_type": "DPSMeasure", "inputs": {"image": ["4", 0], "operator": ["5", 0], "noise": ["6", 0], "seed": 0}},
         "8": {"class_type": "DPSApply", "inputs": {
             "model": ["1", 0], "vae": ["2", 0], "measurement": ["7", 0], "operator": ["5", 0], "noise": ["6", 0],
-            "strength": strength, "step_rule": "dps", "gradient": "full", "start_percent": 0.0, "end_percent": 1.0,
+            "strength": strength, "step_rule": rule, "gradient": "full", "start_percent": 0.0, "end_percent": 1.0,
             "vae_precision": "auto", "fast_decoder": "none"}},
         # img2img from the bicubic upscale of the measurement (random weights are no prior from pure noise)
         "21": {"class_type": "ImageScale", "inputs": {"image": ["7", 0], "upscale_method": "bicubic", "width": 64,
@@ -217,8 +217,9 @@ def test_server_registers_the_nodes_with_their_socket_types(server):
     assert info["output"] == ["MODEL"] and info["category"] == "sampling/dps"
 
 
-def test_server_prompt_guided_residual_below_unguided(server, work):
-    history = _run_prompt(server, _workflow(SR, "dpmpp_2m"))
+@pytest.mark.parametrize("rule,strength", [("dps", STRENGTH), ("polyak", 1.0)], ids=["dps", "polyak-default"])
+def test_server_prompt_guided_residual_below_unguided(server, work, rule, strength):
+    history = _run_prompt(server, _workflow(SR, "dpmpp_2m", strength, rule))
     assert history["status"]["status_str"] == "success", history["status"]
     plain = history["outputs"]["14"]["residual"][0]
     dps = history["outputs"]["15"]["residual"][0]

@@ -180,10 +180,10 @@ def test_posterior_score_form_and_ddpm_schedule_size():
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "heun"])
 @pytest.mark.parametrize("mode", ["full", "x0_only"])
-def test_guidance_lowers_the_residual_in_every_sampler(sampler, mode):
+@pytest.mark.parametrize("rule,zeta", [("schedule", 30.0), ("polyak", 1.0)])
+def test_guidance_lowers_the_residual_in_every_sampler(sampler, mode, rule, zeta):
     x0, op, y = make_problem(batch=2, size=16)
     eps, den = gaussian_prior_eps(), gaussian_prior_denoiser()
-    rule, zeta = "schedule", 30.0
     g = DPSGuidance(op, Gaussian(0.05), y, zeta=zeta, rule=rule, mode=mode)
     gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     if sampler in ("ddpm", "ddim"):
@@ -237,3 +237,47 @@ def test_posterior_score_form_for_flow_models_divides_by_alpha():
     # the Euler-calibrated form does not depend on alpha
     torch.testing.assert_close(denoised_correction(g, 0.5, 0.1, "dps", 1.0, alpha=0.5),
                                denoised_correction(g, 0.5, 0.1, "dps", 1.0))
+
+
+
+
+def test_polyak_step_removes_the_stated_fraction_of_the_excess_residual():
+    """To first order, x − εP lowers d by ε(d − d*), for any scale of A (Polyak's step to a known target)."""
+    x0, op, _ = make_problem(batch=3, size=16)
+    y = Gaussian(0.05).sample(op(x0), torch.Generator().manual_seed(1))
+    x = x0 + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    eps = 1e-3
+    directions = []
+    for scale in (1.0, 10.0):
+        g = DPSGuidance(op, Gaussian(0.05 * scale), y * scale, zeta=1.0, rule="polyak")
+        g.operator = (lambda s: (lambda img: s * op(img)))(scale)
+        result = g.evaluate(x, lambda x_: x_)
+        p = g.step_gradient(result)
+        floor = g.noise.expected_distance(g.y)
+        d_after = g.distance(x - eps * p)
+        torch.testing.assert_close((result.distance - d_after) / eps, result.distance - floor, rtol=2e-3, atol=0.0)
+        directions.append(p)
+    torch.testing.assert_close(directions[0], directions[1], rtol=1e-4, atol=1e-7)
+
+
+def test_polyak_stops_at_the_noise_floor():
+    x0, op, _ = make_problem(batch=1, size=16)
+    g = DPSGuidance(op, Gaussian(0.05), op(x0), zeta=1.0, rule="polyak")
+    result = g.evaluate(x0, lambda x_: x_)  # noiseless y: d = 0 < d* = σ√m
+    assert torch.count_nonzero(g.step_gradient(result)) == 0
+
+
+def test_polyak_rate_form_and_ddpm_size():
+    p = torch.ones(1, 1, 2, 2)
+    # The σ-space correction does not depend on the step: an Euler step removes ζΔσ/σ of the excess.
+    for delta in (None, 0.1, 1.0):
+        torch.testing.assert_close(denoised_correction(p, 2.0, delta, "polyak", 0.7), -0.7 * p)
+    betas = linear_betas()
+    ac = alphas_cumprod_from_betas(betas)
+    t = 500
+    sigma = math.sqrt((1 - ac[t]) / ac[t])
+    sigma_prev = math.sqrt((1 - ac[t - 1]) / ac[t - 1])
+    assert math.isclose(ddpm_step_size("polyak", 0.7, float(betas[t]), float(ac[t])),
+                        0.7 * (1 - sigma_prev / sigma), rel_tol=1e-4)
+    with pytest.raises(ValueError, match="alpha_cumprod"):
+        ddpm_step_size("polyak", 0.7, 0.02)

@@ -103,6 +103,26 @@ def test_x0_only_mode_and_timestep_sampler_lower_the_residual(webui):
     assert "mode: x0_only" in info["DPS"]
 
 
+@pytest.mark.parametrize("path", ["k-diffusion euler", "DDIM", "Forge"])
+def test_default_rule_and_strength_lower_the_residual(webui, path):
+    """The accordion's defaults ("polyak", ζ = 1), unchanged, on each hook path."""
+    defaults = DPSSettings()
+    assert (defaults.rule, defaults.zeta) == ("polyak", 1.0)
+    sd_model = host.ForgeSdModel() if path == "Forge" else host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    args = args_for(image=upload, rule=defaults.rule, zeta=defaults.zeta)
+    if path == "Forge":
+        plain, _ = host.forge_process_images(host.Processing(sd_model), [], [])
+        guided, info = host.forge_process_images(host.Processing(sd_model), [webui.script()], args)
+    else:
+        make = ((lambda p_: host.DDIMSampler(p_.sd_model, webui.shared)) if path == "DDIM"
+                else (lambda p_: host.KDiffusionSampler(p_.sd_model, webui.shared, host.sample_euler)))
+        plain, _ = host.process_images(host.Processing(sd_model), [], [], make)
+        guided, info = host.process_images(host.Processing(sd_model), [webui.script()], args, make)
+    assert "DPS error" not in info and "rule: polyak" in info["DPS"], info
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y), (sr_residual(guided, y), sr_residual(plain, y))
+
+
 def test_img2img_inpainting_uses_the_init_image_and_its_mask(webui):
     sd_model = host.SdModel()
     truth, _, _ = truth_and_measurement(sd_model)
@@ -233,7 +253,7 @@ def test_api_accepts_positional_args_or_one_dict(webui):
     sd_model = host.SdModel()
     _, y, upload = truth_and_measurement(sd_model)
     as_dict = {"enabled": True, "task": "super_resolution", "sr_factor": 4, "source": "upload", "image": upload,
-               "noise_sigma": 0.01, "zeta": 10.0}
+               "noise_sigma": 0.01, "zeta": 10.0, "rule": "dps"}
     image_dict, info = a1111_run(webui, host.Processing(sd_model), [as_dict] + args_for()[1:])
     image_list, _ = a1111_run(webui, host.Processing(sd_model), args_for(image=upload))
     assert torch.equal(image_dict, image_list) and "DPS" in info
@@ -258,7 +278,7 @@ def test_restore_tab_runs_img2img_with_dps_and_compares(webui):
 
     def restore(zeta):
         values = {name: getattr(DPSSettings(), name) for name in webui.module.TAB_SETTINGS}
-        values.update(task="super_resolution", sr_factor=FACTOR, zeta=zeta, noise_sigma=0.01)
+        values.update(task="super_resolution", sr_factor=FACTOR, zeta=zeta, rule="dps", noise_sigma=0.01)
         return webui.module.restore(upload, None, "a photo", "", 12, 2.0, 1.0, 1, "Euler",
                                     *[values[n] for n in webui.module.TAB_SETTINGS])
 
