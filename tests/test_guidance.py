@@ -281,3 +281,15 @@ def test_polyak_rate_form_and_ddpm_size():
                         0.7 * (1 - sigma_prev / sigma), rel_tol=1e-4)
     with pytest.raises(ValueError, match="alpha_cumprod"):
         ddpm_step_size("polyak", 0.7, 0.02)
+
+
+def test_polyak_trust_region_bounds_the_step():
+    x0, op, y = make_problem(batch=2, size=16)
+    g = DPSGuidance(op, Noiseless(), y, zeta=2.0, rule="polyak")
+    result = g.evaluate(torch.zeros_like(x0), lambda x_: x_)
+    free = g.step_gradient(result)
+    limit = torch.tensor([1e-3, 1e6])
+    capped = g.step_gradient(result, limit=limit)
+    step_rms = (g.zeta * capped).flatten(1).square().mean(1).sqrt()
+    assert step_rms[0] <= 1e-3 * (1 + 1e-5) and step_rms[0] > 0
+    torch.testing.assert_close(capped[1], free[1])  # a loose bound changes nothing
