@@ -140,7 +140,8 @@ class DPSPatch:
         self.last_run: RunState | None = None
         self._inner: Any = None
         self.guidance = DPSGuidance(operator=operator, noise=noise, y=self.y, zeta=settings.zeta, rule=settings.rule,
-                                    mode=settings.mode, decoder=self._decode, on_nonfinite=settings.on_nonfinite)
+                                    mode=settings.mode, decoder=self._decode, on_nonfinite=settings.on_nonfinite,
+                                    inplace_safe=True)  # ControlNet residuals are added in place in the UNet
 
     # ---- checks -------------------------------------------------------------------------------------
     def image_shape(self, latent_shape: torch.Size) -> tuple[int, int, int, int]:

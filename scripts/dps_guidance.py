@@ -246,7 +246,7 @@ if scripts is not None:
                 state.guidance[key] = DPSGuidance(operator, build_noise(settings), y, zeta=settings.zeta,
                                                   rule=settings.rule, mode=mode, decoder=decoder,
                                                   start=settings.start, end=settings.end, on_nonfinite="skip",
-                                                  sigma_data=LATENT_SIGMA_DATA)
+                                                  sigma_data=LATENT_SIGMA_DATA, inplace_safe=True)
             return state.guidance[key]
 
         def _measurement(self, p, settings: DPSSettings, height: int, width: int):

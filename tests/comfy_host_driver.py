@@ -3,7 +3,9 @@
 It runs in its own process, inside the ComfyUI tree (``COMFYUI_PATH`` on ``sys.path`` first, so ``import
 nodes`` is ComfyUI's), and prints one JSON line. Commands:
 
-* ``unet PATH``: write a tiny SD1.5-detectable UNet (random weights, safetensors) for the loaders.
+* ``unet PATH``: write a tiny SD1.5-detectable UNet (random weights, safetensors) for the loaders, and beside it
+  a ControlNet of the same architecture (``tiny_controlnet.safetensors``) and a rank-4 LoRA on its attention
+  projections (``tiny_lora.safetensors``), all random and seeded.
 * ``inprocess MODELS PACK TAESD [STRENGTH]``: load the pack through ComfyUI's custom-node loader, the UNet through
   ``UNETLoader`` and TAESD through ``VAELoader``; sample under ``torch.inference_mode()`` with KSampler
   (seven samplers, txt2img and img2img, a batch, a latent noise mask) and SamplerCustomAdvanced, with and without
@@ -30,19 +32,16 @@ comfy.cli_args.args.cpu = True
 import torch  # noqa: E402
 
 
-def write_unet(path: str) -> None:
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                     channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                     transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
-                     use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
-                     adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
-                     operations=comfy.ops.manual_cast, dtype=torch.float32, device="cpu")
+TINY = dict(image_size=32, in_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
+            transformer_depth=[1], transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
+            use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+            dtype=torch.float32, device="cpu")
+
+
+def _random_weights(state: dict, prefix: str) -> dict:
+    """Unit norms, zero biases, fan-in-scaled Gaussian weights (the current torch seed)."""
     sd = {}
-    for name, t in unet.state_dict().items():
+    for name, t in state.items():
         if "norm" in name and name.endswith("weight"):
             v = torch.ones_like(t)
         elif name.endswith("bias"):
@@ -50,8 +49,30 @@ def write_unet(path: str) -> None:
         else:
             fan_in = t[0].numel() if t.ndim > 1 else 1
             v = torch.randn_like(t) / max(fan_in, 1) ** 0.5
-        sd["model.diffusion_model." + name] = v.contiguous()
+        sd[prefix + name] = v.contiguous()
+    return sd
+
+
+def write_unet(path: str) -> None:
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    unet = UNetModel(out_channels=4, transformer_depth_output=[1, 1], use_temporal_attention=False,
+                     use_temporal_resblock=False, operations=comfy.ops.manual_cast, **TINY)
+    sd = _random_weights(unet.state_dict(), "model.diffusion_model.")
     save_file(sd, path)
+    folder = os.path.dirname(path)
+    control = ControlNet(hint_channels=3, operations=comfy.ops.manual_cast, **TINY)
+    save_file(_random_weights(control.state_dict(), "control_model."), os.path.join(folder, "tiny_controlnet.safetensors"))
+    lora = {}
+    for key, t in sd.items():
+        if key.endswith(("to_q.weight", "to_k.weight", "to_v.weight")) and t.ndim == 2:
+            base = key[len("model."):-len(".weight")]      # "diffusion_model.…", a key ComfyUI's LoRA loader maps
+            lora[base + ".lora_up.weight"] = 0.5 * torch.randn(t.shape[0], 4)
+            lora[base + ".lora_down.weight"] = 0.5 * torch.randn(4, t.shape[1]) / t.shape[1] ** 0.5
+    save_file(lora, os.path.join(folder, "tiny_lora.safetensors"))
 
 
 def test_picture(batch: int = 1, size: int = 64) -> torch.Tensor:
@@ -64,7 +85,8 @@ def test_picture(batch: int = 1, size: int = 64) -> torch.Tensor:
 
 def inprocess(work: str, pack: str, taesd: str, strength: str = "1.0") -> dict:
     import folder_paths
-    folder_paths.add_model_folder_path("diffusion_models", work)
+    for kind in ("diffusion_models", "loras", "controlnet"):
+        folder_paths.add_model_folder_path(kind, work)
     folder_paths.add_model_folder_path("vae_approx", taesd)
     import nodes
     import comfy.samplers
@@ -128,6 +150,23 @@ def inprocess(work: str, pack: str, taesd: str, strength: str = "1.0") -> dict:
             return guider.sample(noise_t, start["samples"], sampler, sigmas, seed=11)
 
         out["sampler_custom_advanced"] = {"plain": residual(custom_advanced(model)), "dps": residual(custom_advanced(guided))}
+
+        # Beside a LoRA loader and Apply ControlNet in the same graph: LoRA -> Apply DPS -> KSampler, with the
+        # ControlNet on the conditioning (its hint: the clean picture).
+        lora_model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "tiny_lora.safetensors", 1.0)[0]
+        cnet = nodes.ControlNetLoader().load_controlnet("tiny_controlnet.safetensors")[0]
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(cond, cond, cnet, clean, 1.0, 0.0, 1.0)
+        lora_guided = apply(model=lora_model)
+
+        def ksample_cn(m):
+            return nodes.common_ksampler(m, 7, 4, 2.0, "euler", "karras", pos, neg, start, denoise=0.6)[0]["samples"]
+
+        plain_lc = ksample_cn(lora_model)
+        out["lora_controlnet"] = {"plain": residual(plain_lc), "dps": residual(ksample_cn(lora_guided))}
+        base = ksample(model, start)
+        no_cn = nodes.common_ksampler(lora_model, 7, 4, 2.0, "euler", "karras", cond, cond, start, denoise=0.6)[0]["samples"]
+        out["lora_changes_output"] = float((no_cn - base).abs().max()) > 1e-4
+        out["controlnet_changes_output"] = float((plain_lc - no_cn).abs().max()) > 1e-4
 
         fast = apply(fast_decoder="taesd_decoder.safetensors")
         out["taesd_surrogate"] = {"plain": samplers["euler"]["plain"], "dps": residual(ksample(fast, start))}

@@ -100,7 +100,11 @@ class Inner(nn.Module):
         s = sigma.view(-1, 1, 1, 1)
         h = self.diffusion_model(x / (s**2 + 1).sqrt())
         if self.control is not None:
-            h = h + self.control(x)
+            # As ComfyUI's UNet adds ControlNet residuals: in place (``h += ctrl``), into an activation that
+            # an earlier op (here the square) saved for backward; autograd refuses that unless told otherwise.
+            saved = h.square()
+            h += self.control(x)
+            h = h + 0.0 * saved
         return x / (1 + s**2) + 0.1 * torch.tanh(h) * cond_scale
 
 

@@ -101,7 +101,7 @@ def test_in_process_every_sampler_and_entry_point(work):
     assert {"DPSApply", "DPSMeasure", "DPSSuperResolution", "DPSInpainting"} <= set(result["registered"])
     assert result["model_type"] == "BaseModel"                     # detected as SD1.5
     cases = dict(result["samplers"], **{k: result[k] for k in ("batch", "noise_mask", "sampler_custom_advanced",
-                                                                "taesd_surrogate")})
+                                                                "taesd_surrogate", "lora_controlnet")})
     for name, case in cases.items():
         for plain, dps in zip(case["plain"], case["dps"]):
             assert dps < 0.9 * plain, (name, plain, dps)
@@ -109,6 +109,7 @@ def test_in_process_every_sampler_and_entry_point(work):
     assert result["txt2img"]["dps"][0] < result["txt2img"]["plain"][0]
     assert len(result["batch"]["dps"]) == 2
     assert result["plain_after_guided_equal"] is True              # the same model runs unguided afterwards
+    assert result["lora_changes_output"] and result["controlnet_changes_output"]   # both are live in that graph
     assert "Resize the measurement to 16x16" in result["errors"]["measurement_size"]
     assert "mask is 32x32 but the measurement image is 16x16" in result["errors"]["mask_size"]
 
