@@ -13,7 +13,7 @@ import math
 import torch
 
 from dps.guidance import DPSGuidance
-from dps_webui import hooks, measure
+from dps_webui import hooks, measure, xyz
 from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, RULES, SOURCES, SR_FILTERS, TASKS,
                                 DPSSettings, build_noise, build_operator, parse_infotext, replace)
 
@@ -178,6 +178,9 @@ if scripts is not None:
             p.dps_state = None
             try:
                 settings = DPSSettings.from_args(args)
+                overrides = xyz.overrides_of(p)  # X/Y/Z plot cells (dps_webui/xyz.py)
+                if overrides:
+                    settings = replace(settings, **overrides)
             except (ValueError, TypeError) as exc:
                 if args and args[0]:
                     hooks.console(str(exc))
@@ -440,5 +443,14 @@ def restore_tab():
     return [(tab, "DPS Restore", "dps_restore")]
 
 
+def add_xyz_axes() -> None:
+    """``on_before_ui``: the DPS axes of the X/Y/Z plot, when its script is loaded."""
+    added = xyz.add_axes(xyz.find_xyz_module(getattr(scripts, "scripts_data", [])))
+    if added:
+        hooks.console(f"added {added} X/Y/Z plot axes")
+
+
 if scripts is not None and script_callbacks is not None and host_processing is not None:
     script_callbacks.on_ui_tabs(restore_tab)
+    if hasattr(script_callbacks, "on_before_ui"):
+        script_callbacks.on_before_ui(add_xyz_axes)

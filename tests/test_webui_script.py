@@ -5,6 +5,7 @@ each test (``monkeypatch`` removes them)."""
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -260,6 +261,45 @@ def test_api_accepts_positional_args_or_one_dict(webui):
     assert parse_infotext(info["DPS"])["sr_factor"] == 4
     with pytest.raises(ValueError, match="unknown setting"):
         DPSSettings.from_args([{"enabled": True, "zetta": 1}])
+
+
+def _xyz_grid_entry():
+    """What scripts.scripts_data holds for the built-in xyz_grid.py: its class (``__module__`` is the file
+    name, as the WebUI loads scripts from file) and its module with ``AxisOption`` and ``axis_options``."""
+    class AxisOption:   # scripts/xyz_grid.py: AxisOption(label, type, apply, format_value, confirm, cost, choices)
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Nothing", str, None)])
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    return types.SimpleNamespace(script_class=script_class, module=module)
+
+
+def test_xyz_plot_axes_override_the_accordion(webui):
+    entry = _xyz_grid_entry()
+    webui.fake["modules.scripts"].scripts_data.append(entry)
+    [add_axes] = webui.fake["modules.script_callbacks"].before_ui
+    add_axes()
+    add_axes()   # a UI reload calls it again: no duplicates
+    labels = [o.label for o in entry.module.axis_options]
+    assert labels == ["Nothing", "[DPS] Strength zeta", "[DPS] Step rule", "[DPS] Gradient", "[DPS] Guidance start",
+                      "[DPS] Guidance end"]
+    axes = {o.label: o for o in entry.module.axis_options}
+    assert axes["[DPS] Step rule"].choices() == ["dps", "dps_paper", "schedule", "polyak"]
+
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    plain, _ = a1111_run(webui, host.Processing(sd_model), args_for(enabled=False))
+    cells = {}
+    for zeta in (0.0, 10.0):   # one X axis, two cells, each on its own copy of p as xyz_grid makes them
+        p = host.Processing(sd_model)
+        axes["[DPS] Strength zeta"].apply(p, zeta, [0.0, 10.0])
+        axes["[DPS] Step rule"].apply(p, "dps", ["dps"])
+        cells[zeta] = a1111_run(webui, p, args_for(image=upload, zeta=1.0, rule="polyak"))
+    assert torch.equal(cells[0.0][0], plain)                       # the axis value, not the accordion's 1.0
+    assert sr_residual(cells[10.0][0], y) < 0.5 * sr_residual(plain, y)
+    info = parse_infotext(cells[10.0][1]["DPS"])
+    assert info["zeta"] == 10.0 and info["rule"] == "dps"           # the infotext records the cell's settings
 
 
 def test_restore_tab_runs_img2img_with_dps_and_compares(webui):

@@ -106,6 +106,7 @@ def make_modules() -> dict[str, types.ModuleType]:
     modules.__path__ = []
     scripts = types.ModuleType("modules.scripts")
     scripts.Script, scripts.AlwaysVisible = Script, object()
+    scripts.scripts_data = []   # ScriptClassData(script_class, path, basedir, module) of every loaded script
     shared = types.ModuleType("modules.shared")
     shared.state = types.SimpleNamespace(current_latent=None, interrupted=False)
     shared.cmd_opts = types.SimpleNamespace(medvram=False, lowvram=False)
@@ -142,6 +143,8 @@ def make_modules() -> dict[str, types.ModuleType]:
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.ui_tabs = []
     callbacks.on_ui_tabs = callbacks.ui_tabs.append
+    callbacks.before_ui = []
+    callbacks.on_before_ui = callbacks.before_ui.append   # script_callbacks.py: on_before_ui(callback)
     for name, mod in (("processing", processing), ("script_callbacks", callbacks)):
         setattr(modules, name, mod)
     return {"modules": modules, "modules.scripts": scripts, "modules.shared": shared,
