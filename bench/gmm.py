@@ -11,7 +11,7 @@ Samplers, all on the same analytic ε (``mixture_eps``, equal to ``GaussianMixtu
 of materialising (B, K, d)), the same DDPM linear schedule, the same step count and the same seeds:
 
 * ``unconditional``: ``ddpm_sample`` without guidance (the ceiling any guidance must get under);
-* ``dps``, ``dps_paper``, ``schedule``: ``DPSGuidance`` with each step rule, mode "full";
+* ``dps``, ``dps_paper``, ``schedule``, ``polyak``: ``DPSGuidance`` with each step rule, mode "full";
 * ``schedule_x0_only``: the "schedule" rule in mode "x0_only" (sigma_data = the prior's standard deviation);
 * ``deepinv_dps``: ``deepinv.sampling.DPS`` (DDPM solver, VP schedule β ∈ [0.1, 20] = DDPM's linear β) with the
   same ε wrapped as a deepinv denoiser D(x, σ) (x = x0 + σ n; ᾱ = 1/(1 + σ²)), only when deepinv imports;
@@ -45,17 +45,18 @@ from dps.sampling import ddpm_sample  # noqa: E402
 from dps.schedule import alphas_cumprod_from_betas, linear_betas  # noqa: E402
 
 AC = alphas_cumprod_from_betas(linear_betas())
-RULES = ("dps", "dps_paper", "schedule")
+RULES = ("dps", "dps_paper", "schedule", "polyak")
 # ζ grids of the sweep ("dps_paper" ζ' is "dps" with ζ = 2ζ'; deepinv's weight plays the role of "schedule"'s ζ).
 ZETAS = {
     "dps": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     "dps_paper": (0.005, 0.015, 0.05, 0.15, 0.5, 1.5),
     "schedule": (0.3, 1.0, 2.0, 3.0, 10.0, 30.0),
+    "polyak": (0.1, 0.3, 1.0, 2.0, 3.0, 10.0),
     "schedule_x0_only": (0.3, 1.0, 2.0, 3.0, 10.0, 30.0),
     "deepinv_dps": (0.3, 1.0, 2.0, 3.0, 10.0, 30.0),
 }
 QUICK_ZETAS = {
-    "dps": (0.03, 0.3), "dps_paper": (0.015, 0.15), "schedule": (1.0, 3.0), "schedule_x0_only": (1.0, 3.0),
+    "dps": (0.03, 0.3), "dps_paper": (0.015, 0.15), "schedule": (1.0, 3.0), "polyak": (0.3, 1.0), "schedule_x0_only": (1.0, 3.0),
     "deepinv_dps": (1.0, 3.0),
 }
 TUNING_SEED = 100
