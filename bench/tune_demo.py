@@ -23,7 +23,7 @@ from dps.metrics import psnr  # noqa: E402
 from dps.noise import Gaussian  # noqa: E402
 from dps.tasks import TASKS  # noqa: E402
 
-GRID = {"dps": (0.3, 1.0, 3.0), "schedule": (10.0, 30.0, 100.0)}
+GRID = {"dps": (0.3, 1.0, 3.0), "schedule": (10.0, 30.0, 100.0), "polyak": (1.0, 3.0, 10.0)}
 
 
 def main() -> int:
