@@ -187,7 +187,8 @@ def _real_cfg_denoiser_module(root: Path, fake: dict):
     return module, spec, extra
 
 
-def test_the_hosts_own_cfg_denoiser_forward_is_guided(monkeypatch):
+@pytest.mark.parametrize("rule,zeta", [("dps", 10.0), ("polyak", 1.0)], ids=["dps", "polyak-default"])
+def test_the_hosts_own_cfg_denoiser_forward_is_guided(monkeypatch, rule, zeta):
     """The A1111 CFGDenoiser.forward from WEBUI_PATH (cond/uncond batching, CFG, preview side outputs), driven
     by a no_grad Euler loop with the DPS wrapper installed by the script: the residual must fall."""
     root = _root()
@@ -233,8 +234,8 @@ def test_the_hosts_own_cfg_denoiser_forward_is_guided(monkeypatch):
     from dps.operators import SuperResolution
     y = SuperResolution(factor=4)(truth)
     upload = ((y[0].permute(1, 2, 0) + 1) / 2).numpy()
-    settings = dict(enabled=True, task="super_resolution", sr_factor=4, source="upload", image=upload, zeta=10.0,
-                    noise_sigma=0.01)
+    settings = dict(enabled=True, task="super_resolution", sr_factor=4, source="upload", image=upload, zeta=zeta,
+                    rule=rule, noise_sigma=0.01)
     args = [settings.get(n, getattr(DPSSettings(), n)) for n in ARG_NAMES]
     plain, _ = host.process_images(host.Processing(sd_model), [], [], Sampler)
     p = host.Processing(sd_model)
