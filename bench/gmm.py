@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from dps.guidance import DPSGuidance, GuidanceDivergedError  # noqa: E402
 from dps.noise import Gaussian  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
 from dps.schedule import alphas_cumprod_from_betas, linear_betas  # noqa: E402
+from bench.machine import environment  # noqa: E402
 
 AC = alphas_cumprod_from_betas(linear_betas())
 RULES = ("dps", "dps_paper", "schedule", "polyak")
@@ -339,21 +338,6 @@ def summarise(results: list[dict], steps_list: list[int], with_deepinv: bool) ->
                         for c in per[m]["cells"])
         summary[str(steps)] = per
     return summary
-
-
-def environment(threads: int) -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "processor": _cpu_name(), "cpus": os.cpu_count(), "threads": threads}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _f(v: float | None, width: int = 6) -> str:

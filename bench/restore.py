@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from dps.noise import Gaussian  # noqa: E402
 from dps.operators import LinearOperator  # noqa: E402
 from dps.schedule import alphas_cumprod_from_betas, linear_betas  # noqa: E402
 from dps.tasks import TASKS  # noqa: E402
+from bench.machine import environment  # noqa: E402
 
 TAESD = Path("/work/shared/assets/taesd/taesd_decoder.safetensors")
 AC = alphas_cumprod_from_betas(linear_betas())
@@ -185,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                       "vae": args.vae},
            "deepinv": {"version": DEEPINV, "included": with_deepinv, "error": DEEPINV_ERROR,
                        "weight": args.deepinv_weight},
-           "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                           "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                           "threads": args.threads},
+           "environment": environment(args.threads),
            "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
         print(json.dumps(out))
@@ -198,16 +195,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _f(v, width: int = 5) -> str:
     return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(out: dict) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from dps.models.unet import SmallUNet  # noqa: E402
 from dps.noise import Gaussian  # noqa: E402
 from dps.operators import SuperResolution  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
+from bench.machine import environment  # noqa: E402
 
 TAESD = Path("/work/shared/assets/taesd/taesd_decoder.safetensors")
 MODES = ("unguided", "full", "x0_only")
@@ -210,25 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m} {ms[m]:.1f} ms (x{row['time_ratio'][m]:.2f})" for m in MODES)
                 + ("" if not mem else "  | peak MiB " + " ".join(f"{m} {row['memory_mib'][m]:.0f}" for m in MODES)))
     out = {"benchmark": "speed", "device": "cpu", "rows": rows, "steps": args.steps, "repeats": args.repeats,
-           "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                           "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                           "threads": args.threads},
+           "environment": environment(args.threads),
            "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
         print(json.dumps(out))
     else:
         print_table(out)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(out: dict) -> None:
