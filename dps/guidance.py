@@ -49,6 +49,7 @@ import torch
 
 from .noise import NoiseModel
 from .operators import Operator
+from .vae_gradient import DecoderGradient
 
 RULES = ("dps", "dps_paper", "schedule", "polyak")
 MODES = ("full", "x0_only")
@@ -102,6 +103,10 @@ class DPSGuidance:
         inplace_safe: differentiate models that add into saved activations in place (ComfyUI's UNet adds
             ControlNet residuals with ``h += ctrl``); host adapters set it. It costs 15-25 % per guided step on
             the small embedded pixel prior on CPU, hence off for the reference samplers.
+        decoder_gradient: a memory-bounded way through the decoder (``dps.vae_gradient``); replaces
+            ``decoder``. The gradient is then taken in two parts by the chain rule: ``v = ∂d/∂image`` on one
+            no-grad decode, ``J_Dᵀ v`` by the planned mode, and (mode "full") that pulled back through the
+            denoiser, so the decoder's and the denoiser's graphs are never held together.
     """
 
     operator: Operator
@@ -117,6 +122,7 @@ class DPSGuidance:
     explode_ratio: float = 100.0
     sigma_data: float = 0.5
     inplace_safe: bool = False
+    decoder_gradient: DecoderGradient | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -155,9 +161,12 @@ class DPSGuidance:
                     x0_hat = x0_fn(x)
                 x0_hat = _normal(x0_hat).detach().requires_grad_(True)
                 leaf = x0_hat
-            distance = self.distance(x0_hat)
-            objective = distance.square() if self.rule == "dps_paper" else distance
-            (grad,) = torch.autograd.grad(objective.sum(), leaf)
+            if self.decoder_gradient is None:
+                distance = self.distance(x0_hat)
+                objective = distance.square() if self.rule == "dps_paper" else distance
+                (grad,) = torch.autograd.grad(objective.sum(), leaf)
+            else:
+                distance, grad = self._split_gradient(x0_hat, leaf)
         grad = grad.detach()
         distance = distance.detach()
         if self.rule == "dps_paper":
@@ -180,23 +189,46 @@ class DPSGuidance:
         direction is shrunk per sample so that the RMS of ``ζP`` is at most ``limit``: guidance never moves
         the prediction by more than the size of the sample itself. Where the denoiser hardly depends on x
         (small ‖g‖) Polyak's first-order step would otherwise be a jump the network's response does not follow.
+        P is formed as ``‖P‖ · g/‖g‖`` in float64, so a tiny ‖g‖ gives a long but finite step (cut by the trust
+        region) and a zero or non-finite ‖g‖ a zero step, never NaN or inf.
         """
         if self.rule != "polyak":
             return result.grad * jacobian if self.mode == "x0_only" else result.grad
         grad = result.grad
         floor = self.noise.expected_distance(_normal(self.y)).to(result.distance)
-        excess = (result.distance - floor).clamp_min(0)
-        norm2 = grad.float().flatten(1).square().sum(1).clamp_min(torch.finfo(torch.float32).tiny)
-        factor = excess.float() / norm2
+        excess = (result.distance - floor).clamp_min(0).double()
+        norm = grad.double().flatten(1).square().sum(1).sqrt()
+        usable = (norm > 0) & torch.isfinite(norm)
+        safe_norm = torch.where(usable, norm, torch.ones_like(norm))
+        length = torch.where(usable, excess / safe_norm, torch.zeros_like(norm))   # ‖P‖ = (d − d*)₊ / ‖g‖
         if limit is not None and self.zeta > 0:
-            rms = factor * norm2.sqrt() / grad[0].numel() ** 0.5  # RMS of P, per sample
-            bound = limit.float().to(rms.device) / self.zeta
-            factor = factor * (bound / rms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
-        return grad * factor.to(grad.dtype).view(-1, *([1] * (grad.ndim - 1)))
+            bound = limit.double().to(length.device) / self.zeta * grad[0].numel() ** 0.5   # RMS(ζP) <= limit
+            length = torch.minimum(length, bound)
+        direction = grad.double() / safe_norm.view(-1, *([1] * (grad.ndim - 1)))
+        step = direction * length.view(-1, *([1] * (grad.ndim - 1)))
+        return step.to(grad.dtype)
+
+    def _split_gradient(self, x0_hat: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance and gradient through ``decoder_gradient`` (see its field's description)."""
+        latent = x0_hat.detach()
+        image = self.decoder_gradient.image(latent).detach().requires_grad_(True)
+        distance = self.image_distance(image)
+        objective = distance.square() if self.rule == "dps_paper" else distance
+        (v,) = torch.autograd.grad(objective.sum(), image)
+        g_latent = self.decoder_gradient.vjp(latent, v)
+        if leaf is x0_hat:
+            return distance, g_latent
+        (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=g_latent.to(x0_hat.dtype))
+        return distance, grad
 
     def distance(self, x0_hat: torch.Tensor) -> torch.Tensor:
         """Per-sample ``d = ‖residual(y, A(D(x0_hat)))‖`` (differentiable), computed in float32 at least."""
-        image = self.decoder(x0_hat) if self.decoder is not None else x0_hat
+        if self.decoder_gradient is not None:
+            return self.image_distance(self.decoder_gradient.decode(x0_hat))
+        return self.image_distance(self.decoder(x0_hat) if self.decoder is not None else x0_hat)
+
+    def image_distance(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``d = ‖residual(y, A(image))‖`` for a decoded image in [-1, 1], in float32 at least."""
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()
         y = _normal(self.y).to(device=image.device, dtype=image.dtype)

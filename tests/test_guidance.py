@@ -293,3 +293,19 @@ def test_polyak_trust_region_bounds_the_step():
     step_rms = (g.zeta * capped).flatten(1).square().mean(1).sqrt()
     assert step_rms[0] <= 1e-3 * (1 + 1e-5) and step_rms[0] > 0
     torch.testing.assert_close(capped[1], free[1])  # a loose bound changes nothing
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-25, 1e-45])
+def test_polyak_with_a_tiny_or_zero_gradient_is_finite_and_bounded(scale):
+    """A decoder that hardly responds (random VAE weights) gives ‖g‖ ≈ 0: the step stays finite and inside the
+    trust region (it used to be inf·0 = NaN)."""
+    from dps.guidance import GuidanceResult
+    x0, op, y = make_problem(batch=2, size=16)
+    g = DPSGuidance(op, Gaussian(0.05), y, zeta=1.0, rule="polyak")
+    result = GuidanceResult(x0, torch.tensor([10.0, 10.0]), torch.full_like(x0, scale))
+    limit = torch.tensor([0.5, 0.5])
+    step = g.step_gradient(result, limit=limit)
+    assert torch.isfinite(step).all()
+    assert (step.flatten(1).square().mean(1).sqrt() <= 0.5 * (1 + 1e-5)).all()
+    if scale == 0.0:
+        assert torch.count_nonzero(step) == 0

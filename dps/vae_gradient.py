@@ -1,0 +1,291 @@
+"""Memory-bounded gradients through a latent decoder (a VAE's, or TAESD's).
+
+DPS differentiates ``d = ‖y − A(D(x0_hat))‖`` through the decoder ``D``. With ``v = ∂d/∂image`` (cheap: the
+operator and the norm act on the decoded image) the latent gradient is the vector-Jacobian product
+``g = J_D(x0_hat)ᵀ v`` (chain rule), and only that product needs the decoder's activations. A plain backward
+pass keeps all of them: for the SD1.x/SDXL KL decoder in float32 about 6 GB at 512 px and 24 GB at 1024 px
+(``bench/real_scale.py``). The modes here compute the same ``g`` within a memory bound:
+
+* ``"full"``: one backward pass through the whole decoder (the reference).
+* ``"checkpointed"``: activation checkpointing (Chen et al. 2016, *Training deep nets with sublinear memory
+  cost*, arXiv 1604.06174) of the decoder's residual, attention and upsampling blocks: only each block's input
+  is kept and its inside is recomputed during the backward pass. Exact (the same arithmetic), one extra
+  forward pass of the decoder.
+* ``"tiled"``: the image is cut into tiles of ``tile`` latent pixels; for each tile the latent is cropped with
+  ``overlap`` latent pixels of context on every side, decoded with grad, and ``⟨D(crop)|tile, v|tile⟩`` is
+  backpropagated into the crop. Since the tiles partition the image, ``Σ_tiles J_tileᵀ v_tile = J_Dᵀ v`` exactly
+  when each crop decodes its tile as the whole latent does. Two things break that and make the mode
+  approximate: the decoder's receptive field reaching beyond the overlap, and the layers that see the whole
+  image: GroupNorm (a crop is normalised with its own statistics, as in ComfyUI's tiled VAE decode, and its
+  gradient through the statistics stays inside the crop; fixing the statistics to the whole image's made
+  the gradient worse on a small KL-shaped decoder, cosine 0.93 against 0.985, since it drops that term
+  altogether) and the KL decoder's mid-block self-attention. ``v`` itself always comes from one no-grad
+  decode of the whole latent, so the residual and its norm are exact. Measured agreement with
+  ``"full"``: ``bench/real_scale.py --check`` (results in ``bench/README.md``).
+* ``"auto"``: ``"full"`` when its estimated memory fits the budget, else ``"checkpointed"``, else ``"tiled"``
+  with the largest tile that fits (``plan``). The estimate counts the bytes autograd saves in a small probe
+  decode and scales them by area (``probe_bytes``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+VAE_GRADIENTS = ("auto", "full", "checkpointed", "tiled")
+MIN_TILE = 8                # latent pixels (64 image pixels for an 8x VAE)
+DEFAULT_OVERLAP = 8         # latent pixels of context around a tile
+HEADROOM = 2.0              # peak memory ≈ HEADROOM x the bytes autograd saves (transients of forward and backward)
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+class _Checkpointed(nn.Module):
+    """Runs ``inner`` under non-reentrant activation checkpointing; attribute reads fall through to it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.inner(*args, **kwargs)
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_composite(module: nn.Module) -> bool:
+    return any(_has_parameters(child) for child in module.children())
+
+
+def checkpointed_view(module: nn.Module) -> nn.Module:
+    """A view of ``module`` whose blocks run under activation checkpointing; ``module`` itself is not changed.
+
+    The view is a tree of shallow copies sharing every parameter and buffer with ``module``. Blocks are the
+    composite modules (modules with parameter-holding children) that hold fewer than two composite children:
+    the residual, attention and upsampling blocks of the LDM/ComfyUI KL decoder and TAESD's ``Block``. The
+    containers and the decoder's stages above them are descended into; single layers are left as they are
+    (checkpointing one layer saves nothing).
+    """
+
+    def view(m: nn.Module, root: bool) -> nn.Module:
+        composite_children = sum(_is_composite(c) for c in m.children())
+        if root or isinstance(m, _CONTAINERS) or composite_children >= 2:
+            new = copy.copy(m)
+            new._modules = {name: (None if c is None else view(c, False)) for name, c in m._modules.items()}
+            return new
+        return _Checkpointed(m) if _is_composite(m) else m
+
+    return view(module, True)
+
+
+def tiles(size: int, tile: int) -> list[tuple[int, int]]:
+    """Cut ``range(size)`` into consecutive ``(start, end)`` pieces of at most ``tile``, balanced in length."""
+    n = max(1, math.ceil(size / tile))
+    edges = [round(i * size / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def tiled_vjp(decode: Decode, z: torch.Tensor, v: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """``J_D(z)ᵀ v`` accumulated over output tiles (module docstring, mode "tiled"). ``z``: (B, C, h, w) latent;
+    ``v``: (B, 3, H, W) with ``H = s·h``; ``tile`` and ``overlap`` in latent pixels. Returns a tensor like ``z``."""
+    h, w = z.shape[-2:]
+    scale = v.shape[-1] // w
+    if v.shape[-2] != scale * h or v.shape[-1] != scale * w:
+        raise ValueError(f"the image gradient {tuple(v.shape[-2:])} is not a multiple of the latent {(h, w)}")
+    grad = torch.zeros_like(z, dtype=torch.float32)
+    for i0, i1 in tiles(h, tile):
+        for j0, j1 in tiles(w, tile):
+            a0, a1 = max(0, i0 - overlap), min(h, i1 + overlap)
+            b0, b1 = max(0, j0 - overlap), min(w, j1 + overlap)
+            with torch.enable_grad():
+                crop = z[:, :, a0:a1, b0:b1].detach().requires_grad_(True)
+                image = decode(crop)
+                core = image[:, :, (i0 - a0) * scale:(i1 - a0) * scale, (j0 - b0) * scale:(j1 - b0) * scale]
+                target = v[:, :, i0 * scale:i1 * scale, j0 * scale:j1 * scale].to(core)
+                (g,) = torch.autograd.grad((core * target).sum(), crop)
+            grad[:, :, a0:a1, b0:b1] += g.float()
+    return grad.to(z.dtype)
+
+
+def plain_vjp(decode: Decode, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J_D(z)ᵀ v`` by one backward pass through ``decode`` (modes "full" and "checkpointed")."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        image = decode(leaf)
+        (g,) = torch.autograd.grad(image, leaf, grad_outputs=v.to(image))
+    return g
+
+
+def probe_bytes(decode: Decode, z: torch.Tensor, side: int = 8) -> float:
+    """Bytes autograd saves per latent pixel (per sample) for a backward pass through ``decode``, counted on a
+    ``side`` x ``side`` crop of ``z`` (each storage once). Used to scale the estimate to any size."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    crop = z[:1, :, :side, :side].detach()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        leaf = crop.requires_grad_(True)
+        decode(leaf)
+    return sum(seen.values()) / (crop.shape[-2] * crop.shape[-1])
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the process can still allocate on ``device``: CUDA's free memory, or the system's available RAM
+    (``MemAvailable`` of /proc/meminfo; 8 GiB where that file does not exist)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30 if os.name != "nt" else 4 << 30
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A resolved choice: ``mode`` (never "auto"), ``tile`` (latent pixels, tiled mode), ``overlap`` and the
+    estimated peak bytes of the choice; ``reason`` says why (logged by the hosts)."""
+
+    mode: str
+    tile: int = 0
+    overlap: int = 0
+    estimate: float = 0.0
+    reason: str = ""
+
+
+def plan(requested: str, latent_hw: tuple[int, int], batch: int, bytes_per_pixel: float, budget: float,
+         tile: int = 0, overlap: int = DEFAULT_OVERLAP, checkpoint_ratio: float = 0.25) -> Plan:
+    """Resolve ``requested`` (one of ``VAE_GRADIENTS``) for a latent of ``latent_hw`` and ``batch`` samples.
+
+    ``bytes_per_pixel`` comes from ``probe_bytes``; ``budget`` is the memory the gradient may use (bytes).
+    "auto" takes the first of full, checkpointed (estimated at ``checkpoint_ratio`` of full: only block
+    inputs are kept) and tiled that fits. ``tile`` = 0 picks the largest tile that fits (at least
+    ``MIN_TILE``). Raises ``ValueError`` naming the fix for a tile larger than the latent or a budget
+    below what the smallest tile needs.
+    """
+    if requested not in VAE_GRADIENTS:
+        raise ValueError(f"vae_gradient must be one of {VAE_GRADIENTS}, got {requested!r}")
+    h, w = latent_hw
+    if tile < 0 or overlap < 0:
+        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be >= 0 latent pixels")
+    if tile and tile > max(h, w):
+        raise ValueError(f"the VAE gradient tile ({tile} latent px) is larger than the latent ({w}x{h}); use a "
+                         f"tile of at most {max(h, w)} or 0 (automatic)")
+    full = HEADROOM * bytes_per_pixel * h * w * batch
+    if requested == "full" or (requested == "auto" and full <= budget):
+        return Plan("full", estimate=full, reason=f"full backward ~{_size(full)}")
+    checkpointed = full * checkpoint_ratio
+    if requested == "checkpointed" or (requested == "auto" and checkpointed <= budget):
+        return Plan("checkpointed", estimate=checkpointed,
+                    reason=f"full backward ~{_size(full)} > budget {_size(budget)}")
+
+    def tile_bytes(t: int) -> float:
+        return HEADROOM * bytes_per_pixel * min(h, t + 2 * overlap) * min(w, t + 2 * overlap) * batch
+
+    if tile == 0:
+        tile = max(h, w)
+        while tile > MIN_TILE and tile_bytes(tile) > budget:
+            tile = max(MIN_TILE, tile // 2)
+    if tile_bytes(tile) > budget:
+        raise ValueError(f"the VAE gradient needs ~{_size(tile_bytes(tile))} even in tiles of {tile} latent px, "
+                         f"more than the {_size(budget)} available; use the fast decoder (TAESD), a smaller "
+                         "tile, a smaller image, or free memory")
+    estimate = tile_bytes(tile)
+    return Plan("tiled", tile=tile, overlap=overlap, estimate=estimate,
+                reason=f"tiles of {tile} latent px (+{overlap} overlap), ~{_size(estimate)}")
+
+
+@dataclass
+class DecoderGradient:
+    """The decoder of a latent model and how to differentiate through it.
+
+    ``module`` is the decoder network and ``call(module, z)`` decodes a latent (model space) to an image in
+    [-1, 1] with it, differentiably (the host adapter undoes its latent format there). The modes call it with
+    views of ``module`` (``checkpointed_view``; ``frozen_norm_view`` for tiles, with the GroupNorm statistics of
+    the whole image recorded during ``image``), so ``module`` is never changed. ``mode`` is one of
+    ``VAE_GRADIENTS``; ``budget`` the bytes the gradient may use (None: half the free memory of the latent's
+    device). The plan is made once per latent shape and kept (``plans``).
+    """
+
+    module: nn.Module
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    mode: str = "auto"
+    tile: int = 0
+    overlap: int = DEFAULT_OVERLAP
+    budget: float | None = None
+    plans: dict = field(default_factory=dict, init=False, repr=False)
+    _bytes_per_pixel: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in VAE_GRADIENTS:
+            raise ValueError(f"vae_gradient must be one of {VAE_GRADIENTS}, got {self.mode!r}")
+        if self.tile < 0 or self.overlap < 0:
+            raise ValueError(f"tile ({self.tile}) and overlap ({self.overlap}) must be >= 0 latent pixels")
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The image of ``z`` through the decoder as it is (differentiable when grad is on)."""
+        return self.call(self.module, z)
+
+    def plan_for(self, z: torch.Tensor) -> Plan:
+        """The mode (and tile) used for latents shaped like ``z``."""
+        key = tuple(z.shape)
+        if key not in self.plans:
+            measured = self.mode == "auto" or (self.mode == "tiled" and not self.tile)
+            if measured and self._bytes_per_pixel is None:
+                self._bytes_per_pixel = probe_bytes(self.decode, z)
+            if measured:
+                per_pixel = self._bytes_per_pixel
+                budget = self.budget if self.budget is not None else free_memory(z.device) / 2
+            else:   # the user's explicit choice: no estimate needed
+                per_pixel, budget = 0.0, math.inf
+            self.plans[key] = plan(self.mode, (z.shape[-2], z.shape[-1]), z.shape[0], per_pixel, budget,
+                                   self.tile, self.overlap)
+        return self.plans[key]
+
+    def image(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoded image, without a graph."""
+        with torch.no_grad():
+            return self.decode(z)
+
+    def vjp(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``J_D(z)ᵀ v`` by the planned mode."""
+        chosen = self.plan_for(z)
+        if chosen.mode == "tiled":
+            return tiled_vjp(self.decode, z, v, chosen.tile, chosen.overlap)
+        if chosen.mode == "checkpointed":
+            view = checkpointed_view(self.module)
+            return plain_vjp(lambda latent: self.call(view, latent), z, v)
+        return plain_vjp(self.decode, z, v)
