@@ -155,11 +155,12 @@ def probe_bytes(decode: Decode, z: torch.Tensor, side: int = 8) -> float:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes the process can still allocate on ``device``: CUDA's free memory, or the system's available RAM
-    (``MemAvailable`` of /proc/meminfo; 8 GiB where that file does not exist)."""
+    """Bytes the process can still allocate on ``device``: CUDA's free memory plus what torch's caching allocator
+    holds unused, or the system's available RAM (``MemAvailable`` of /proc/meminfo; 8 GiB (4 on Windows) where
+    that file does not exist)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

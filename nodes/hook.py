@@ -11,6 +11,10 @@ documented surface only, so tests drive this module with small fakes.
   of ``x``; ``x0_hat`` is what the host returns, the decode undoes the latent format
   (``inner_model.process_latent_out``) and runs the VAE's own module; the guided denoised is
   ``x0_hat + correction`` (``dps.host.guided_denoised``). Every built-in sampler goes through it.
+
+The gradient through the decoder is taken by ``dps.vae_gradient`` (``vae_gradient``: auto picks full,
+checkpointed or tiled from the free memory); with a fast decoder (TAESD) and ``fast_decoder_end`` < 1 the fast
+decoder guides the noisy part of the schedule and the real VAE the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from ..dps.guidance import MODES, RULES, DPSGuidance
+from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
 from ..dps.host import (guided_denoised, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
@@ -50,6 +55,10 @@ class Settings:
     end_percent: float = 1.0
     precision: str = "auto"
     on_nonfinite: str = "raise"
+    vae_gradient: str = "auto"
+    vae_tile: int = 0                        # image pixels per tile side for vae_gradient "tiled"; 0 = automatic
+    fast_decoder_end: float = 1.0
+    vae_memory_budget: float | None = None   # bytes; None: half the free memory (dps.vae_gradient.free_memory)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -58,6 +67,12 @@ class Settings:
             raise ValueError(f"gradient mode must be one of {MODES}, got {self.mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"VAE decode precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.vae_gradient not in VAE_GRADIENTS:
+            raise ValueError(f"vae_gradient must be one of {VAE_GRADIENTS}, got {self.vae_gradient!r}")
+        if self.vae_tile < 0:
+            raise ValueError(f"vae_tile must be 0 (automatic) or a tile side in pixels, got {self.vae_tile}")
+        if not 0.0 <= self.fast_decoder_end <= 1.0:
+            raise ValueError(f"fast_decoder_end must be between 0 and 1, got {self.fast_decoder_end}")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {self.start_percent} and "
                              f"{self.end_percent}; swap them or move start_percent down")
@@ -65,10 +80,14 @@ class Settings:
 
 @dataclass
 class RunState:
-    """Per-sampling-run state: the decoder copy, the residuals seen, whether weights were made autograd-safe."""
+    """Per-sampling-run state: the guidance through the real VAE and through the fast decoder (either may be
+    None), the float32 decoder copy, the residuals seen and the VAE gradient plans that were logged."""
 
+    guidance: DPSGuidance | None = None
+    fast_guidance: DPSGuidance | None = None
     decoder_copy: nn.Module | None = None
     distances: list[torch.Tensor] = field(default_factory=list)
+    logged: set = field(default_factory=set)
 
 
 def _operators(op: Operator) -> list[Operator]:
@@ -81,8 +100,9 @@ def latent_channels_of(model: Any) -> int | None:
 
 
 def check_inputs(model: Any, vae: Any, measurement: torch.Tensor, operator: Any, noise: Any,
-                 surrogate: nn.Module | None) -> None:
-    """Node-time checks that need no latent: types, video models, latent channels, the inpainting mask."""
+                 surrogate: nn.Module | None, uses_vae: bool = True) -> None:
+    """Node-time checks that need no latent: types, video models, latent channels, the inpainting mask.
+    ``uses_vae``: the VAE decodes for guidance too (no fast decoder, or one that hands over before the end)."""
     if not isinstance(operator, Operator):
         raise ValueError("operator must come from a DPS operator node (DPS Super-Resolution, DPS Inpainting, ...)")
     if not isinstance(noise, NoiseModel):
@@ -96,14 +116,17 @@ def check_inputs(model: Any, vae: Any, measurement: torch.Tensor, operator: Any,
     if getattr(fmt, "latent_dimensions", 2) != 2 or getattr(vae, "latent_dim", 2) != 2:
         raise ValueError("DPS guidance supports image models (SD1.5, SDXL, SD3, FLUX); this is a video or audio "
                          "model. Use an image checkpoint and its VAE")
-    if surrogate is None:
+    if surrogate is None or uses_vae:
+        if vae is None:
+            raise ValueError("DPS guidance needs the checkpoint's VAE (or a fast decoder used to the end: "
+                             "fast_decoder_end = 1)")
         vae_channels = getattr(vae, "latent_channels", None)
         if model_channels is not None and vae_channels is not None and vae_channels != model_channels:
             raise ValueError(f"the VAE has {vae_channels} latent channels but the model uses {model_channels}; "
                              "connect the VAE that belongs to this checkpoint (SD1.5/SDXL: 4, SD3/FLUX: 16)")
         if not isinstance(getattr(vae, "downscale_ratio", 8), int):
             raise ValueError("this VAE is a video VAE; connect the image VAE of the checkpoint")
-    else:
+    if surrogate is not None:
         conv = next((m for m in surrogate.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is not None and model_channels is not None and conv.in_channels != model_channels:
             raise ValueError(f"the TAESD decoder takes {conv.in_channels} latent channels but the model uses "
@@ -131,7 +154,7 @@ class DPSPatch:
             raise ValueError("DPS guidance needs a VAE (or a TAESD decoder) to compare the sample with the measurement")
         self.operator = operator
         self.noise = noise
-        self.y = image_to_nchw(normal_tensor(measurement))
+        self.measurement = image_to_nchw(normal_tensor(measurement))
         self.settings = settings
         self.vae = vae
         self.surrogate = surrogate
@@ -139,45 +162,46 @@ class DPSPatch:
         self.run: RunState | None = None
         self.last_run: RunState | None = None
         self._inner: Any = None
-        self.guidance = DPSGuidance(operator=operator, noise=noise, y=self.y, zeta=settings.zeta, rule=settings.rule,
-                                    mode=settings.mode, decoder=self._decode, on_nonfinite=settings.on_nonfinite,
-                                    inplace_safe=True)  # ControlNet residuals are added in place in the UNet
+
+    @property
+    def uses_vae(self) -> bool:
+        """Whether the real VAE decodes for guidance during some part of the schedule."""
+        return self.surrogate is None or self.settings.fast_decoder_end < 1.0
 
     # ---- checks -------------------------------------------------------------------------------------
     def image_shape(self, latent_shape: torch.Size) -> tuple[int, int, int, int]:
         if len(latent_shape) != 4:
             raise ValueError(f"DPS guidance needs an image latent (batch, channels, height, width), got shape "
                              f"{tuple(latent_shape)}: video and audio latents are not supported")
-        ratio = 8 if self.surrogate is not None else getattr(self.vae, "downscale_ratio", 8)
+        ratio = getattr(self.vae, "downscale_ratio", 8) if self.uses_vae else 8
         b, _, h, w = latent_shape
         return (int(b), 3, int(h) * ratio, int(w) * ratio)
 
-    def validate(self, latent_shape: torch.Size, model_channels: int | None) -> None:
-        """Raise ``ValueError`` naming the fix when the latent does not fit the measurement and operator."""
+    def validate(self, latent_shape: torch.Size, model_channels: int | None) -> torch.Tensor:
+        """The measurement y fitted to the operator for this latent; ``ValueError`` naming the fix when the
+        latent does not fit the measurement and operator."""
         image_shape = self.image_shape(latent_shape)
         if model_channels is not None and latent_shape[1] != model_channels:
             raise ValueError(f"the latent has {latent_shape[1]} channels but the model expects {model_channels}; "
                              "make the latent with this model's VAE or Empty Latent Image")
-        expected = self.operator.measurement_shape(image_shape)
-        self.y = match_channels(self.y, expected[1])
-        self.guidance.y = self.y
-        if self.y.shape[0] not in (1, image_shape[0]):
-            raise ValueError(f"the measurement batch ({self.y.shape[0]}) must be 1 or the latent batch "
-                             f"({image_shape[0]})")
+        y = match_channels(self.measurement, self.operator.measurement_shape(image_shape)[1])
+        if y.shape[0] not in (1, image_shape[0]):
+            raise ValueError(f"the measurement batch ({y.shape[0]}) must be 1 or the latent batch ({image_shape[0]})")
         try:
-            self.operator.check_measurement(self.y, image_shape)
+            self.operator.check_measurement(y, image_shape)
         except ValueError as err:
-            raise ValueError(f"DPS: the measurement ({self.y.shape[-1]}x{self.y.shape[-2]}) does not fit a "
+            raise ValueError(f"DPS: the measurement ({y.shape[-1]}x{y.shape[-2]}) does not fit a "
                              f"{image_shape[-1]}x{image_shape[-2]} image (latent {latent_shape[-1]}x"
                              f"{latent_shape[-2]}): {err}") from err
+        return y
 
     # ---- wrappers -----------------------------------------------------------------------------------
     def outer_sample(self, executor: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         noise = args[0] if args else kwargs["noise"]
         guider = getattr(executor, "class_obj", None)
         patcher = getattr(guider, "model_patcher", None)
-        self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
-        self.run = RunState()
+        y = self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
+        self.run = self._start_run(y)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -188,39 +212,81 @@ class DPSPatch:
         guider = executor.class_obj
         inner = guider.inner_model
         sigma = float(timestep.flatten()[0])
-        if not self._active(sigma, inner):
+        if not self._active(sigma, inner, self.settings.start_percent, self.settings.end_percent):
             return executor(x, timestep, model_options, seed)
         if model_options.get("multigpu_clones"):
             raise ValueError("DPS guidance needs gradients, which multi-GPU sampling does not build; "
                              "remove the MultiGPU node or run on one GPU")
         if self.interrupt is not None:
             self.interrupt()
-        if self.run is None:
-            self.run = RunState()
+        if self.run is None:   # sampled without the OUTER_SAMPLE wrapper
+            self.run = self._start_run(self.validate(x.shape, None))
         self._inner = inner
         self._make_autograd_safe(guider, inner)
+        guidance = self._guidance_at(sigma, inner)
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma_in = normal_tensor(timestep)
 
         def x0_fn(x_in: torch.Tensor) -> torch.Tensor:
             return executor(x_in, sigma_in, model_options, seed)
 
-        result = self.guidance.evaluate(x, x0_fn)
+        result = guidance.evaluate(x, x0_fn)
+        self._log_plan(guidance, result.x0_hat)
         self.run.distances.append(result.distance.cpu())
-        out = guided_denoised(result, self.guidance, sigma, schedule_step(sigma, sigmas), x,
+        out = guided_denoised(result, guidance, sigma, schedule_step(sigma, sigmas), x,
                               alpha=signal_scale(inner.model_sampling, sigma))
         if self.interrupt is not None:
             self.interrupt()
         return out
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _active(self, sigma: float, inner: Any) -> bool:
+    def _start_run(self, y: torch.Tensor) -> RunState:
+        run = RunState()
+        s = self.settings
+
+        def guidance(decoder_gradient: DecoderGradient) -> DPSGuidance:
+            return DPSGuidance(operator=self.operator, noise=self.noise, y=y, zeta=s.zeta, rule=s.rule, mode=s.mode,
+                               decoder_gradient=decoder_gradient, on_nonfinite=s.on_nonfinite,
+                               inplace_safe=True)   # ControlNet residuals are added in place in the UNet
+
+        def gradient(module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                     ratio: int) -> DecoderGradient:
+            tile = -(-s.vae_tile // ratio) if s.vae_tile else 0      # pixels -> latent pixels, rounded up
+            return DecoderGradient(module, call, mode=s.vae_gradient, tile=tile, budget=s.vae_memory_budget)
+
+        if self.surrogate is not None:
+            run.fast_guidance = guidance(gradient(self.surrogate, self._surrogate_call, 8))
+        if self.uses_vae:
+            fsm = self.vae.first_stage_model
+            if s.precision == "fp32":
+                with torch.inference_mode(False):
+                    run.decoder_copy = copy.deepcopy(fsm).float().requires_grad_(False)
+                make_autograd_safe([run.decoder_copy])
+            run.guidance = guidance(gradient(run.decoder_copy or fsm, self._vae_call,
+                                             getattr(self.vae, "downscale_ratio", 8)))
+        return run
+
+    def _guidance_at(self, sigma: float, inner: Any) -> DPSGuidance:
+        """The fast decoder's guidance while the schedule is before ``fast_decoder_end``, the VAE's after."""
+        if self.run.fast_guidance is None:
+            return self.run.guidance
+        if self.run.guidance is None or self._active(sigma, inner, 0.0, self.settings.fast_decoder_end):
+            return self.run.fast_guidance
+        return self.run.guidance
+
+    def _active(self, sigma: float, inner: Any, start: float, end: float) -> bool:
         if self.settings.zeta <= 0 or sigma <= 0:
             return False
         ms = inner.model_sampling
-        s_start = float(ms.percent_to_sigma(self.settings.start_percent))
-        s_end = float(ms.percent_to_sigma(self.settings.end_percent))
-        return s_end <= sigma <= s_start
+        return float(ms.percent_to_sigma(end)) <= sigma <= float(ms.percent_to_sigma(start))
+
+    def _log_plan(self, guidance: DPSGuidance, x0_hat: torch.Tensor) -> None:
+        plan = guidance.decoder_gradient.plan_for(x0_hat)
+        key = (id(guidance), plan.mode, plan.tile)
+        if key not in self.run.logged:
+            self.run.logged.add(key)
+            which = "fast decoder" if guidance is self.run.fast_guidance else "VAE"
+            log.info("DPS: gradient through the %s: %s (%s)", which, plan.mode, plan.reason)
 
     def _modules(self, guider: Any, inner: Any) -> list[nn.Module]:
         modules: list[nn.Module] = []
@@ -231,7 +297,7 @@ class DPSPatch:
                     modules.append(patcher.model)
         if self.surrogate is not None:
             modules.append(self.surrogate)
-        elif self.settings.precision == "auto":
+        if self.uses_vae and self.settings.precision == "auto":
             modules.append(self.vae.first_stage_model)
         return modules
 
@@ -241,31 +307,28 @@ class DPSPatch:
             n = make_autograd_safe(modules)
             log.debug("DPS: copied %d inference tensors so gradients can flow", n)
 
-    def _decoder(self, device: torch.device) -> tuple[nn.Module, torch.dtype]:
-        if self.surrogate is not None:
-            return self.surrogate.to(device), torch.float32
-        fsm = self.vae.first_stage_model
-        if self.settings.precision == "auto":
-            return fsm, getattr(self.vae, "vae_dtype", next(fsm.parameters()).dtype)
-        run = self.run if self.run is not None else RunState()
-        if run.decoder_copy is None:
-            with torch.inference_mode(False):
-                run.decoder_copy = copy.deepcopy(fsm).float().requires_grad_(False)
-            make_autograd_safe([run.decoder_copy])
-        return run.decoder_copy.to(device), torch.float32
+    def _surrogate_call(self, decoder: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        """TAESD takes model-space latents and returns [0, 1]: image in [-1, 1], float32, on the latent's device
+        (``decoder`` is the surrogate or a view sharing its parameters, which ``.to`` moves in place)."""
+        self.surrogate.to(x0.device)
+        return decoder(x0.float()).float() * 2 - 1
+
+    def _vae_call(self, first_stage: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space x0 (latent) → image in [-1, 1] through ``first_stage`` (the VAE's module, its float32
+        copy, or a view of either), differentiable, float32."""
+        latent = self._inner.process_latent_out(x0)
+        param = next(self.vae.first_stage_model.parameters())
+        if self.run is not None and self.run.decoder_copy is not None:
+            self.run.decoder_copy.to(param.device)
+            dtype = torch.float32
+        else:
+            dtype = getattr(self.vae, "vae_dtype", param.dtype)
+        return first_stage.decode(latent.to(param.device, dtype)).float()
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Model-space x0 (latent) → image in [-1, 1], differentiable, float32."""
-        if self.surrogate is not None:
-            param = next(self.surrogate.parameters())
-            decoder, _ = self._decoder(param.device)
-            return decoder(x0.to(param.device, torch.float32)).float() * 2 - 1   # TAESD takes model-space latents
-        latent = self._inner.process_latent_out(x0)
-        fsm = self.vae.first_stage_model
-        device = next(fsm.parameters()).device
-        decoder, dtype = self._decoder(device)
-        image = decoder.decode(latent.to(device, dtype))
-        return image.float()
+        """Model-space x0 (latent) → image in [-1, 1] through the VAE as guidance decodes it."""
+        return self._vae_call(self.run.decoder_copy if self.run and self.run.decoder_copy else
+                              self.vae.first_stage_model, x0)
 
     def _finish_run(self) -> None:
         run, self.run = self.run, None
@@ -281,7 +344,8 @@ def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operato
               interrupt: Callable[[], None] | None = None,
               wrapper_types: tuple[str, str] = (OUTER_SAMPLE, PREDICT_NOISE)) -> tuple[Any, DPSPatch]:
     """Check the inputs, then return a clone of ``model`` carrying one DPS patch (replacing any earlier one)."""
-    check_inputs(model, vae, measurement, operator, noise, surrogate)
+    check_inputs(model, vae, measurement, operator, noise, surrogate,
+                 uses_vae=surrogate is None or settings.fast_decoder_end < 1.0)
     patch = DPSPatch(operator, noise, measurement, settings, vae=vae, surrogate=surrogate, interrupt=interrupt)
     outer, predict = wrapper_types
     m = model.clone()
@@ -289,7 +353,7 @@ def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operato
     m.remove_wrappers_with_key(predict, KEY)
     m.add_wrapper_with_key(outer, KEY, patch.outer_sample)
     m.add_wrapper_with_key(predict, KEY, patch.predict_noise)
-    if surrogate is None and getattr(vae, "patcher", None) is not None:
+    if patch.uses_vae and getattr(vae, "patcher", None) is not None:
         m.set_additional_models("dps_vae", [vae.patcher])   # loaded to the GPU with the UNet for the run
     return m, patch
 

@@ -17,6 +17,7 @@ from ..dps.guidance import MODES, RULES
 from ..dps.operators import GaussianBlur, Grayscale, PhaseRetrieval, SuperResolution
 from ..dps.operators.resample import FILTERS as FILTERS_SR
 from . import builders
+from ..dps.vae_gradient import VAE_GRADIENTS
 from .hook import DEFAULT_RULE, DEFAULT_ZETA, OUTER_SAMPLE, PRECISIONS, PREDICT_NOISE, Settings, apply_dps
 
 CATEGORY = "sampling/dps"
@@ -305,16 +306,30 @@ class DPSApply(io.ComfyNode):
                 io.Combo.Input("fast_decoder", options=_vae_approx_decoders(), default="none",
                                tooltip="Optional TAESD decoder from models/vae_approx used instead of the VAE: much "
                                        "faster and lighter, a little less exact. Pick the model family's file."),
+                io.Combo.Input("vae_gradient", options=list(VAE_GRADIENTS), default="auto", optional=True,
+                               tooltip="How the gradient goes through the VAE. auto: the first that fits in half the "
+                                       "free memory of full (exact, ~6 GB at 512 px and ~24 GB at 1024 px for an "
+                                       "SD/SDXL VAE in fp32), checkpointed (exact, about a quarter of the memory, one "
+                                       "more VAE decode) or tiled (tiles of the image; least memory, approximate at "
+                                       "the seams). The console says which was used."),
+                io.Int.Input("vae_tile", default=0, min=0, max=8192, step=64, optional=True,
+                             tooltip="Tile side in pixels for vae_gradient tiled (0 = the largest that fits in "
+                                     "memory). Smaller tiles use less memory and are less exact."),
+                io.Float.Input("fast_decoder_end", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With a fast_decoder: use it until this point of the schedule (0-1), the real "
+                                       "VAE after it. 1 = the fast decoder throughout; e.g. 0.7 = the fast decoder "
+                                       "for the noisy first 70 %, the VAE for the detailed end."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The guided model; connect it to your KSampler.")])
 
     @classmethod
     def execute(cls, model, vae, measurement, operator, noise, strength, step_rule, gradient, start_percent,
-                end_percent, vae_precision, fast_decoder) -> io.NodeOutput:
+                end_percent, vae_precision, fast_decoder, vae_gradient="auto", vae_tile=0, fast_decoder_end=1.0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.patcher_extension as pe
         settings = Settings(zeta=strength, rule=step_rule, mode=gradient, start_percent=start_percent,
-                            end_percent=end_percent, precision=vae_precision)
+                            end_percent=end_percent, precision=vae_precision, vae_gradient=vae_gradient,
+                            vae_tile=vae_tile, fast_decoder_end=fast_decoder_end)
         surrogate = None if fast_decoder in (None, "none") else _load_taesd_decoder(fast_decoder)
         m, _ = apply_dps(model, vae, measurement, operator, noise, settings, surrogate=surrogate,
                          interrupt=comfy.model_management.throw_exception_if_processing_interrupted,

@@ -496,3 +496,54 @@ def test_x0_only_leaves_the_unet_weights_alone():
     assert float(residual(operator, y, run(guided, vae))) < 0.6 * float(residual(operator, y, run(patcher, vae)))
     assert all(p.is_inference() for p in patcher.model.parameters())          # no copy of the UNet was needed
     assert not any(p.is_inference() for p in vae.first_stage_model.parameters())
+
+
+@pytest.mark.parametrize("vae_gradient,vae_tile", [("full", 0), ("checkpointed", 0), ("tiled", 16), ("auto", 0)])
+def test_every_vae_gradient_mode_guides(vae_gradient, vae_tile):
+    """The memory-bounded modes (dps.vae_gradient) in the node: exact ones give the full mode's image."""
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        full, _ = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(vae_gradient="full", **STRONG))
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise,
+                                       Settings(vae_gradient=vae_gradient, vae_tile=vae_tile, **STRONG))
+    out = run(guided, vae)
+    assert float(residual(operator, y, out)) < 0.6 * float(residual(operator, y, run(patcher, vae)))
+    plan = patch.last_run.guidance.decoder_gradient.plans[(1, 4, 4, 4)]
+    assert plan.mode == ("full" if vae_gradient == "auto" else vae_gradient)   # a 32 px image fits any budget
+    if vae_gradient != "tiled":
+        torch.testing.assert_close(out, run(full, vae), rtol=1e-5, atol=1e-5)
+    else:
+        assert plan.tile == 2
+
+
+def test_fast_decoder_hands_over_to_the_vae():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    calls = []
+    with torch.inference_mode():
+        own = FirstStage()
+        own.load_state_dict(vae.first_stage_model.state_dict())
+        surrogate = Surrogate(own, patcher.model.latent_format)
+        surrogate.register_forward_hook(lambda *a: calls.append("fast"))
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise,
+                                       Settings(fast_decoder_end=0.5, **STRONG), surrogate=surrogate)
+    original = vae.first_stage_model.decode
+    vae.first_stage_model.decode = lambda z: calls.append("vae") or original(z)
+    run(guided, vae)
+    guided_calls = [c for c in calls if c in ("fast", "vae")][:-1]   # the last "vae" is run()'s own decode
+    assert guided_calls[0] == "fast" and guided_calls[-1] == "vae"
+    assert guided_calls == sorted(guided_calls)                         # fast first, then the VAE, no going back
+    assert guided.additional["dps_vae"] == [vae.patcher]
+
+
+def test_bad_vae_gradient_settings_are_refused():
+    with pytest.raises(ValueError, match="vae_gradient must be one of"):
+        Settings(vae_gradient="tiles")
+    with pytest.raises(ValueError, match="fast_decoder_end"):
+        Settings(fast_decoder_end=1.5)
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    with torch.inference_mode():
+        guided, _ = hook.apply_dps(patcher, vae, measurement, operator, noise,
+                                   Settings(vae_gradient="tiled", vae_tile=512, **STRONG))
+    with pytest.raises(ValueError, match="larger than the latent"):
+        run(guided, vae)
