@@ -206,10 +206,14 @@ def plan(requested: str, latent_hw: tuple[int, int], batch: int, bytes_per_pixel
         raise ValueError(f"the VAE gradient tile ({tile} latent px) is larger than the latent ({w}x{h}); use a "
                          f"tile of at most {max(h, w)} or 0 (automatic)")
     full = HEADROOM * bytes_per_pixel * h * w * batch
-    if requested == "full" or (requested == "auto" and full <= budget):
-        return Plan("full", estimate=full, reason=f"full backward ~{_size(full)}")
+    if requested == "full":
+        return Plan("full", estimate=full, reason="as set")
+    if requested == "checkpointed":
+        return Plan("checkpointed", estimate=full * checkpoint_ratio, reason="as set")
+    if requested == "auto" and full <= budget:
+        return Plan("full", estimate=full, reason=f"full backward ~{_size(full)} fits {_size(budget)}")
     checkpointed = full * checkpoint_ratio
-    if requested == "checkpointed" or (requested == "auto" and checkpointed <= budget):
+    if requested == "auto" and checkpointed <= budget:
         return Plan("checkpointed", estimate=checkpointed,
                     reason=f"full backward ~{_size(full)} > budget {_size(budget)}")
 
