@@ -14,14 +14,15 @@ pass keeps all of them: for the SD1.x/SDXL KL decoder in float32 about 6 GB at 5
 * ``"tiled"``: the image is cut into tiles of ``tile`` latent pixels; for each tile the latent is cropped with
   ``overlap`` latent pixels of context on every side, decoded with grad, and ``⟨D(crop)|tile, v|tile⟩`` is
   backpropagated into the crop. Since the tiles partition the image, ``Σ_tiles J_tileᵀ v_tile = J_Dᵀ v`` exactly
-  when each crop decodes its tile as the whole latent does. Two things break that and make the mode
-  approximate: the decoder's receptive field reaching beyond the overlap, and the layers that see the whole
-  image: GroupNorm (a crop is normalised with its own statistics, as in ComfyUI's tiled VAE decode, and its
-  gradient through the statistics stays inside the crop; fixing the statistics to the whole image's made
-  the gradient worse on a small KL-shaped decoder, cosine 0.93 against 0.985, since it drops that term
-  altogether) and the KL decoder's mid-block self-attention. ``v`` itself always comes from one no-grad
-  decode of the whole latent, so the residual and its norm are exact. Measured agreement with
-  ``"full"``: ``bench/real_scale.py --check`` (results in ``bench/README.md``).
+  when each crop decodes its tile as the whole latent does. For the KL decoder of SD/SDXL/SD3/FLUX the
+  low-resolution trunk (conv_in and the mid block, whose self-attention sees the whole latent) runs once on
+  the whole latent with grad and only the upsampling head is tiled (``trunk_tiled_vjp``), so the attention's
+  gradient is exact. What stays approximate: the head's receptive field reaching beyond the overlap, and its
+  GroupNorms, which normalise a crop with the crop's own statistics (as ComfyUI's tiled VAE decode does) and
+  keep their gradient through the statistics inside the crop. (Fixing the statistics to the whole image's
+  made the gradient worse on a small KL-shaped decoder, cosine 0.93 against 0.985: it drops that term.)
+  ``v`` itself always comes from one no-grad decode of the whole latent, so the residual and its norm are
+  exact. Measured agreement with "full": ``bench/real_scale.py --check`` (``bench/README.md``).
 * ``"auto"``: ``"full"`` when its estimated memory fits the budget, else ``"checkpointed"``, else ``"tiled"``
   with the largest tile that fits (``plan``). The estimate counts the bytes autograd saves in a small probe
   decode and scales them by area (``probe_bytes``).
@@ -103,26 +104,109 @@ def tiles(size: int, tile: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(n)]
 
 
+class _Stop(Exception):
+    """Ends a decode early, carrying the trunk's output."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+class _Capture(nn.Module):
+    """Runs the trunk's last module, then stops the decode with its output (``_Stop``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        raise _Stop(self.inner(*args, **kwargs))
+
+
+class _Inject(nn.Module):
+    """Stands in for the trunk's last module and returns a given tensor (a crop of the whole latent's trunk)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+def trunk_path(module: nn.Module) -> str | None:
+    """The dotted name of the last module of an LDM/ComfyUI KL decoder's low-resolution trunk (conv_in and the
+    mid block with its self-attention): ``decoder.mid.block_2`` in an autoencoder, ``mid.block_2`` in a bare
+    decoder; None for decoders without one (TAESD)."""
+    names = {name for name, _ in module.named_modules()}
+    for name in ("decoder.mid.block_2", "mid.block_2"):
+        if name in names:
+            return name
+    return None
+
+
+def replaced_view(module: nn.Module, path: str, replacement: nn.Module) -> nn.Module:
+    """A view of ``module`` (shallow copies along ``path``, everything else shared) with the submodule at the
+    dotted ``path`` replaced by ``replacement``."""
+    head, _, rest = path.partition(".")
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._modules[head] = replaced_view(module._modules[head], rest, replacement) if rest else replacement
+    return new
+
+
 def tiled_vjp(decode: Decode, z: torch.Tensor, v: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
     """``J_D(z)ᵀ v`` accumulated over output tiles (module docstring, mode "tiled"). ``z``: (B, C, h, w) latent;
     ``v``: (B, 3, H, W) with ``H = s·h``; ``tile`` and ``overlap`` in latent pixels. Returns a tensor like ``z``."""
-    h, w = z.shape[-2:]
+    return _tiles_vjp(lambda crop, i0, i1, j0, j1: decode(crop), z, v, tile, overlap)
+
+
+def _tiles_vjp(decode_tile: Callable[..., torch.Tensor], source: torch.Tensor, v: torch.Tensor, tile: int,
+               overlap: int) -> torch.Tensor:
+    """Σ over tiles of the crop gradients of ``⟨decode_tile(crop)|tile, v|tile⟩``, where ``source`` is what is
+    cropped (the latent, or the trunk's output at the same resolution)."""
+    h, w = source.shape[-2:]
     scale = v.shape[-1] // w
     if v.shape[-2] != scale * h or v.shape[-1] != scale * w:
         raise ValueError(f"the image gradient {tuple(v.shape[-2:])} is not a multiple of the latent {(h, w)}")
-    grad = torch.zeros_like(z, dtype=torch.float32)
+    grad = torch.zeros_like(source, dtype=torch.float32)
     for i0, i1 in tiles(h, tile):
         for j0, j1 in tiles(w, tile):
             a0, a1 = max(0, i0 - overlap), min(h, i1 + overlap)
             b0, b1 = max(0, j0 - overlap), min(w, j1 + overlap)
             with torch.enable_grad():
-                crop = z[:, :, a0:a1, b0:b1].detach().requires_grad_(True)
-                image = decode(crop)
+                crop = source[:, :, a0:a1, b0:b1].detach().requires_grad_(True)
+                image = decode_tile(crop, a0, a1, b0, b1)
                 core = image[:, :, (i0 - a0) * scale:(i1 - a0) * scale, (j0 - b0) * scale:(j1 - b0) * scale]
                 target = v[:, :, i0 * scale:i1 * scale, j0 * scale:j1 * scale].to(core)
                 (g,) = torch.autograd.grad((core * target).sum(), crop)
             grad[:, :, a0:a1, b0:b1] += g.float()
-    return grad.to(z.dtype)
+    return grad.to(source.dtype)
+
+
+def trunk_tiled_vjp(module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor], path: str,
+                    z: torch.Tensor, v: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """Mode "tiled" for a decoder with a low-resolution trunk at ``path`` (``trunk_path``): the trunk (whose
+    self-attention sees the whole latent) runs once on the whole latent with grad, only the upsampling head is
+    tiled (its input cropped from the trunk's output), and the summed head gradient is pulled back through the
+    trunk in one backward pass. The trunk works at the latent's resolution, so holding its graph is cheap."""
+    last = module.get_submodule(path)
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        try:
+            call(replaced_view(module, path, _Capture(last)), leaf)
+            raise RuntimeError(f"the decoder never reached {path}")
+        except _Stop as stop:
+            trunk = stop.value
+        if trunk.shape[-2:] != z.shape[-2:]:
+            raise RuntimeError(f"the decoder's trunk output {tuple(trunk.shape)} is not at the latent's resolution")
+
+        def decode_tile(crop: torch.Tensor, a0: int, a1: int, b0: int, b1: int) -> torch.Tensor:
+            return call(replaced_view(module, path, _Inject(crop)), leaf.detach()[:, :, a0:a1, b0:b1])
+
+        g_trunk = _tiles_vjp(decode_tile, trunk.detach(), v, tile, overlap)
+        (g,) = torch.autograd.grad(trunk, leaf, grad_outputs=g_trunk.to(trunk.dtype))
+    return g
 
 
 def plain_vjp(decode: Decode, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -289,6 +373,9 @@ class DecoderGradient:
         """``J_D(z)ᵀ v`` by the planned mode."""
         chosen = self.plan_for(z)
         if chosen.mode == "tiled":
+            path = trunk_path(self.module)
+            if path is not None:
+                return trunk_tiled_vjp(self.module, self.call, path, z, v, chosen.tile, chosen.overlap)
             return tiled_vjp(self.decode, z, v, chosen.tile, chosen.overlap)
         if chosen.mode == "checkpointed":
             view = checkpointed_view(self.module)

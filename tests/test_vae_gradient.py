@@ -7,7 +7,8 @@ from torch import nn
 from dps.guidance import DPSGuidance
 from dps.noise import Gaussian
 from dps.operators import GaussianBlur, Inpainting, SuperResolution, box_mask
-from dps.vae_gradient import DecoderGradient, checkpointed_view, plain_vjp, plan, probe_bytes, tiled_vjp, tiles
+from dps.vae_gradient import (DecoderGradient, checkpointed_view, plain_vjp, plan, probe_bytes, tiled_vjp, tiles,
+                              trunk_path, trunk_tiled_vjp)
 
 
 class ResBlock(nn.Module):
@@ -19,6 +20,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb=None):
         return x + self.conv2(torch.nn.functional.silu(self.conv1(torch.nn.functional.silu(self.norm(x)))))
+
+
+class GlobalMix(nn.Module):
+    """Stands in for the mid-block self-attention: every position sees the mean of the whole latent."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        return x + self.proj(x.mean(dim=(-2, -1), keepdim=True)).expand_as(x)
 
 
 class Up(nn.Module):
@@ -41,19 +53,20 @@ class ToyDecoder(nn.Module):
     """The shape of the LDM/ComfyUI KL decoder (conv_in, mid blocks, up stages of res blocks + upsample,
     norm_out, conv_out), 4x upsampling, small enough for CPU tests."""
 
-    def __init__(self, norm: bool = True, ch: int = 16) -> None:
+    def __init__(self, norm: bool = True, ch: int = 16, attention: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv_in = nn.Conv2d(4, ch, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResBlock(ch, norm)
+        self.mid.attn_1 = GlobalMix(ch) if attention else nn.Identity()
         self.mid.block_2 = ResBlock(ch, norm)
         self.up = nn.ModuleList([Stage(ch, norm), Stage(ch, norm)])
         self.norm_out = nn.GroupNorm(4, ch) if norm else nn.Identity()
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.block_1(self.conv_in(z), None), None)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z), None)), None)
         for stage in self.up:
             for block in stage.block:
                 h = block(h, None)
@@ -100,6 +113,19 @@ def test_tiled_gradient_is_exact_for_a_local_decoder():
     z, v = latent(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(tiled_vjp(decoder, z, v, tile=5, overlap=8), plain_vjp(decoder, z, v),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_trunk_with_global_attention_is_differentiated_whole():
+    """Tiles cut the mid block's global mixing short; running the trunk on the whole latent keeps it exact."""
+    decoder = ToyDecoder(norm=False, attention=True)
+    z, v = latent(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    reference = plain_vjp(decoder, z, v)
+    assert trunk_path(decoder) == "mid.block_2"
+    split = trunk_tiled_vjp(decoder, lambda m, z_: m(z_), "mid.block_2", z, v, tile=5, overlap=8)
+    torch.testing.assert_close(split, reference, rtol=1e-4, atol=1e-5)
+    plain_tiles = tiled_vjp(decoder, z, v, tile=5, overlap=8)                        # tiles cut the mixing short
+    assert (plain_tiles - reference).norm() > 100 * (split - reference).norm()
+    assert type(decoder.mid.block_2) is ResBlock                                      # the module is untouched
 
 
 @pytest.mark.parametrize("make_op", [lambda: SuperResolution(4), lambda: GaussianBlur(9, 2.0),
