@@ -1,5 +1,6 @@
 """Where DPS meets the WebUI's sampler. Host-free: every host object arrives as an argument, so the
-tests drive these with fakes of the host contracts (see ``../shared/notes/webui-internals.md``).
+tests drive these with fakes of the host contracts (``tests/fakes/webui_host.py``, after AUTOMATIC1111 @82a973c
+``modules/sd_samplers_cfg_denoiser.py`` and Forge @dfdcbab).
 
 * AUTOMATIC1111: ``DenoiserWrapper`` replaces ``forward`` on the sampler's CFG-denoiser *instance*
   (``p.sampler.model_wrap_cfg``), the shape of k-diffusion's ``make_cond_model_fn``: the host samples
@@ -26,6 +27,7 @@ import torch
 
 from dps.guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from dps.host import guided_denoised, schedule_step
+from dps.vae_gradient import DecoderGradient
 
 Log = Callable[[str], None]
 
@@ -233,24 +235,24 @@ class DenoiserWrapper:
             self.after_call()
 
 
-def vae_decoder(get_model: Callable[[], object]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Differentiable latent -> image in [-1, 1] through the VAE's own decoder module (A1111: ldm/sgm
-    ``first_stage_model.decode``; the host's ``decode_first_stage`` is ``@torch.no_grad``). The model is
-    fetched per call because the SDXL refiner swaps it mid-run."""
+def vae_gradient(get_model: Callable[[], object], mode: str = "auto") -> DecoderGradient:
+    """The differentiable decode for AUTOMATIC1111: latent -> image in [-1, 1] through the VAE's own module
+    (ldm/sgm ``first_stage_model.decode``; the host's ``decode_first_stage`` is ``@torch.no_grad``), with the
+    gradient taken as ``mode`` says (``dps.vae_gradient``). The model (latent scale, SD3 format) is fetched per
+    call because the SDXL refiner swaps it mid-run; both share one latent space."""
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
+    def call(first_stage: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         model = get_model()
-        vae = model.first_stage_model
-        first = next(iter(vae.parameters()), None)
+        first = next(iter(first_stage.parameters()), None)
         if getattr(model, "is_sd3", False) and hasattr(model, "latent_format"):
             z = model.latent_format.process_out(z)
         else:
             z = z / model.scale_factor
         if first is not None:
             z = z.to(device=first.device, dtype=first.dtype)
-        return vae.decode(z)
+        return first_stage.decode(z)
 
-    return decode
+    return DecoderGradient(get_model().first_stage_model, call, mode=mode)
 
 
 _AUTOGRAD_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -266,26 +268,26 @@ def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def forge_decoder(vae_patcher) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
-    """Decoder for Forge: ``first_stage_model.decode(process_out(z))`` on an autograd copy, made once per
-    decoder module (Forge clones its patchers per job but shares the module) and moved to the latent's
-    device on first use."""
+def forge_gradient(vae_patcher, mode: str = "auto") -> DecoderGradient:
+    """The differentiable decode for Forge: ``first_stage_model.decode(process_out(z))`` on an autograd copy,
+    made once per decoder module (Forge clones its patchers per job but shares the module) and moved to the
+    latent's device on first use; the gradient taken as ``mode`` says (``dps.vae_gradient``)."""
     source = vae_patcher.first_stage_model
     module = _AUTOGRAD_COPIES.get(source)
     if module is None:
         module = _AUTOGRAD_COPIES[source] = autograd_copy(source)
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
+    def call(first_stage: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         first = next(iter(module.parameters()), None)
         if first is not None and first.device != z.device:
-            module.to(z.device)
+            module.to(z.device)   # in place: views of ``module`` share its parameters
             first = next(iter(module.parameters()))
         z = module.process_out(z) if hasattr(module, "process_out") else z
         if first is not None:
             z = z.to(first.dtype)
-        return module.decode(z)
+        return first_stage.decode(z)
 
-    return decode, module
+    return DecoderGradient(module, call, mode=mode)
 
 
 def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Callable[[dict], torch.Tensor]:

@@ -15,6 +15,7 @@ from dps import noise as dps_noise
 from dps import operators as ops
 from dps.guidance import MODES, RULES
 from dps.host import HOST_RULE, HOST_ZETA
+from dps.vae_gradient import VAE_GRADIENTS
 
 TASKS = ("super_resolution", "inpainting", "gaussian_blur", "motion_blur", "grayscale", "phase_retrieval")
 NOISES = ("gaussian", "poisson", "noiseless")
@@ -49,12 +50,13 @@ class DPSSettings:
     mode: str = "full"
     start: float = 0.0
     end: float = 1.0
+    vae_gradient: str = "auto"   # dps.vae_gradient: auto, full, checkpointed, tiled
 
     def __post_init__(self) -> None:
         self.enabled = bool(self.enabled)
         self.simulate = bool(self.simulate)
         for name, choices in (("task", TASKS), ("sr_filter", SR_FILTERS), ("source", SOURCES), ("noise", NOISES),
-                              ("rule", RULES), ("mode", MODES)):
+                              ("rule", RULES), ("mode", MODES), ("vae_gradient", VAE_GRADIENTS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"DPS: {name} must be one of {choices}, got {value!r}")
@@ -97,6 +99,8 @@ class DPSSettings:
         items += [("noise", self.noise)] + [(k, getattr(self, k)) for k in NOISE_PARAMS[self.noise]]
         items += [("zeta", self.zeta), ("rule", self.rule), ("mode", self.mode), ("start", self.start),
                   ("end", self.end), ("source", self.source)]
+        if self.vae_gradient != "auto":
+            items.append(("vae_gradient", self.vae_gradient))
         if self.simulate:
             items.append(("simulate", True))
         if y_hash:

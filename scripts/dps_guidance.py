@@ -13,6 +13,7 @@ import math
 import torch
 
 from dps.guidance import DPSGuidance
+from dps.vae_gradient import VAE_GRADIENTS
 from dps_webui import hooks, measure, xyz
 from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, RULES, SOURCES, SR_FILTERS, TASKS,
                                 DPSSettings, build_noise, build_operator, parse_infotext, replace)
@@ -128,6 +129,8 @@ def _guidance_controls(c: dict) -> None:
         c["start"] = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01,
                                value=d.start)
         c["end"] = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=d.end)
+        c["vae_gradient"] = gr.Dropdown(label="VAE gradient (memory)", choices=list(VAE_GRADIENTS),
+                                        value=d.vae_gradient)
 
 
 class JobState:
@@ -243,11 +246,12 @@ if scripts is not None:
                 operator, y = self._measurement(p, settings, p.height, p.width)
                 state.y_hash = measure.measurement_hash(y)
                 if forge:
-                    decoder, _ = hooks.forge_decoder(p.sd_model.forge_objects.vae)
+                    gradient = hooks.forge_gradient(p.sd_model.forge_objects.vae, settings.vae_gradient)
                 else:
-                    decoder = hooks.vae_decoder(lambda: getattr(shared, "sd_model", None) or p.sd_model)
+                    gradient = hooks.vae_gradient(lambda: getattr(shared, "sd_model", None) or p.sd_model,
+                                                  settings.vae_gradient)
                 state.guidance[key] = DPSGuidance(operator, build_noise(settings), y, zeta=settings.zeta,
-                                                  rule=settings.rule, mode=mode, decoder=decoder,
+                                                  rule=settings.rule, mode=mode, decoder_gradient=gradient,
                                                   start=settings.start, end=settings.end, on_nonfinite="skip",
                                                   sigma_data=LATENT_SIGMA_DATA, inplace_safe=True)
             return state.guidance[key]

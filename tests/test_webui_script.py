@@ -348,3 +348,18 @@ def test_non_finite_gradients_are_skipped_and_reported(webui):
     image, info = a1111_run(webui, host.Processing(sd_model), args_for(image=upload))
     assert torch.equal(image, plain)
     assert "12 of 12 guided steps skipped" in info["DPS note"] and "DPS error" not in info
+
+
+@pytest.mark.parametrize("vae_gradient", ["checkpointed", "tiled"])
+def test_vae_gradient_setting_reaches_the_guidance_and_the_infotext(webui, vae_gradient):
+    """The memory-bounded VAE gradients (dps.vae_gradient) in A1111: checkpointed gives the full mode's image,
+    tiled still lowers the residual; a non-default choice is written to the infotext."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    plain, _ = a1111_run(webui, host.Processing(sd_model), args_for(enabled=False))
+    full, _ = a1111_run(webui, host.Processing(sd_model), args_for(image=upload, vae_gradient="full"))
+    bounded, info = a1111_run(webui, host.Processing(sd_model), args_for(image=upload, vae_gradient=vae_gradient))
+    assert f"vae_gradient: {vae_gradient}" in info["DPS"]
+    assert sr_residual(bounded, y) < 0.5 * sr_residual(plain, y)
+    if vae_gradient == "checkpointed":
+        torch.testing.assert_close(bounded, full, rtol=1e-5, atol=1e-5)
