@@ -1,9 +1,10 @@
 """Posterior accuracy on the Gaussian-mixture benchmark (MCG-Diff protocol), against the exact posterior.
 
     python bench/gmm.py [--quick] [--json] [--steps 100] [--sweep-steps 100,1000] [--dims 8,80,800] [--dim-y 1,2,4] [--seeds 3]
-    /work/peers-venv/bin/python bench/gmm.py ...      # the same, with deepinv's DPS (bench/requirements-peers.txt)
+    ../peers-venv/bin/python bench/gmm.py ...      # the same, with deepinv's DPS (bench/requirements-peers.txt)
 
-Problems (``dps.gmm``; ``docs: ../shared/notes §5``): a 25-component unit-covariance mixture with randn² weights
+Problems (``dps.app.gmm``; the MCG-Diff protocol: Cardoso, Janati, Le Corff, Moulines, ICLR 2024, code
+gabrielvc/mcg_diff ``scripts/viz_gaussian.py``): a 25-component unit-covariance mixture with randn² weights
 in d_x dimensions, a d_y x d_x operator with U(0, 1) singular values, y = A x* + σ_y n with σ_y = U(0, 1)·max(s)
 (floored at 0.05), x* drawn from the prior. The exact posterior is a mixture too (``GaussianMixture.posterior``).
 
@@ -36,11 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps.gmm import GaussianMixture, MatrixOperator, as_image, random_problem  # noqa: E402
-from dps.guidance import DPSGuidance, GuidanceDivergedError  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.sampling import ddpm_sample  # noqa: E402
-from dps.schedule import alphas_cumprod_from_betas, linear_betas  # noqa: E402
+from dps import (DPSGuidance, Gaussian, GuidanceDivergedError, alphas_cumprod_from_betas, ddpm_sample,  # noqa: E402
+                 linear_betas)
+from dps.app import GaussianMixture, MatrixOperator, as_image, random_problem  # noqa: E402
 from bench.machine import environment  # noqa: E402
 
 AC = alphas_cumprod_from_betas(linear_betas())
@@ -148,7 +147,7 @@ def run_deepinv(weight: float, prior, a, y, sigma_y, steps: int, n: int, seed: i
 
 class Reference:
     """Exact posterior draws with their sorted projections, computed once per problem: the distances equal
-    ``dps.metrics.sliced_wasserstein(samples, exact, slices, Generator().manual_seed(2))`` and
+    ``dps.app.sliced_wasserstein(samples, exact, slices, Generator().manual_seed(2))`` and
     ``max_sliced_wasserstein(samples, exact, 100, Generator().manual_seed(3))`` (checked in tests/test_bench.py)
     without re-sorting the reference for every sampler run."""
 

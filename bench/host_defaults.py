@@ -21,13 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps.baselines import candidates  # noqa: E402
-from dps.demo import DemoSettings, load_setup, measure  # noqa: E402
-from dps.guidance import DPSGuidance  # noqa: E402
-from dps.host import guided_denoised  # noqa: E402
-from dps.metrics import psnr  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.schedule import alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
+from dps import (DPSGuidance, Gaussian, alphas_cumprod_from_betas, guided_denoised, linear_betas,  # noqa: E402
+                 sigma_from_alpha_cumprod)
+from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
 
 
 def denoiser_from_eps(eps_model, alphas_cumprod: torch.Tensor):

@@ -3,14 +3,14 @@ deepinv's DPS around the same prior, and quality against the number of steps.
 
     python bench/restore.py [--json] [--kinds pixel,latent] [--steps 50] [--images 4] [--tasks ...]
     python bench/restore.py --steps 50,100,250,1000 --images 16          # quality vs steps (slow on a CPU)
-    /work/peers-venv/bin/python bench/restore.py ...                     # adds deepinv's DPS
+    ../peers-venv/bin/python bench/restore.py ...                        # adds deepinv's DPS
 
-Set-up as ``python -m dps demo`` (``dps.demo``): held-out digits 0..images-1 (28x28 for the pixel prior,
+Set-up as ``python -m dps demo`` (``dps.app.demo``): held-out digits 0..images-1 (28x28 for the pixel prior,
 64x64 RGB through TAESD for the latent prior), y = A(x) + n with Gaussian σ = 0.05 on [-1, 1], the operators
-of ``dps.tasks``, DDPM respaced to each step count, the demo's tuned (rule, ζ) per task and prior. Columns:
+of ``dps.app.tasks``, DDPM respaced to each step count, the demo's tuned (rule, ζ) per task and prior. Columns:
 
-* ``dps``: ``dps.demo.sample`` with ``DPSGuidance`` (mode "full");
-* ``baseline``: the best, by PSNR against the truth, of ``dps.baselines.candidates`` (an oracle choice);
+* ``dps``: ``dps.app.sample`` with ``DPSGuidance`` (mode "full");
+* ``baseline``: the best, by PSNR against the truth, of ``dps.app.candidates`` (an oracle choice);
 * ``unguided``: the prior's samples from the same seed (what the prior alone gives);
 * ``deepinv_dps``: ``deepinv.sampling.DPS`` (DDPM solver, VP schedule, ``steps + 1`` time points = ``steps``
   network evaluations) with the same ε-model wrapped as a deepinv denoiser D(x, σ): ᾱ = 1/(1 + σ²), the
@@ -35,17 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps.baselines import candidates  # noqa: E402
-from dps.demo import GUIDANCE, DemoSettings, load_setup, measure, sample  # noqa: E402
-from dps.guidance import DPSGuidance, GuidanceDivergedError  # noqa: E402
-from dps.metrics import psnr, ssim  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.operators import LinearOperator  # noqa: E402
-from dps.schedule import alphas_cumprod_from_betas, linear_betas  # noqa: E402
-from dps.tasks import TASKS  # noqa: E402
+from dps import (DPSGuidance, Gaussian, GuidanceDivergedError, LinearOperator, alphas_cumprod_from_betas,  # noqa: E402
+                 linear_betas)
+from dps.app import GUIDANCE, TASKS, DemoSettings, candidates, load_setup, measure, psnr, sample, ssim  # noqa: E402
 from bench.machine import environment  # noqa: E402
 
-TAESD = Path("/work/shared/assets/taesd/taesd_decoder.safetensors")
+TAESD = Path(__file__).resolve().parents[2] / "shared" / "assets" / "taesd" / "taesd_decoder.safetensors"  # ../shared
 AC = alphas_cumprod_from_betas(linear_betas())
 
 try:  # optional peer (bench/requirements-peers.txt)

@@ -9,8 +9,9 @@ forward without graph, then the decoder and operator forward and backward).
 
 * pixel: the embedded pixel prior's architecture, ``SmallUNet(1, 16, (1, 2, 4))``, at 28², 64², 128² px;
 * latent: the latent prior's ``SmallUNet(4, 32, (1, 2))`` at 8², 16², 32² latents (64², 128², 256² px) with
-  the real TAESD decoder (``/work/shared/assets/taesd/taesd_decoder.safetensors`` or ``--vae``) in the
-  guided modes; the unguided sampler never decodes inside the loop (as in the hosts).
+  the real TAESD decoder (``--vae``; default ``../shared/assets/taesd/taesd_decoder.safetensors`` beside the
+  repository when present) in the guided modes; the unguided sampler never decodes inside the loop (as in the
+  hosts).
 
 Weights are random (time and memory do not depend on their values). The operator is 4x super-resolution
 (bicubic) on the image; guidance uses a tiny ζ so random weights cannot diverge (the cost is unchanged).
@@ -35,14 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps.guidance import DPSGuidance  # noqa: E402
-from dps.models.unet import SmallUNet  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.operators import SuperResolution  # noqa: E402
-from dps.sampling import ddpm_sample  # noqa: E402
+from dps import DPSGuidance, Gaussian, SuperResolution, ddpm_sample  # noqa: E402
+from dps.app import SmallUNet  # noqa: E402
 from bench.machine import environment  # noqa: E402
 
-TAESD = Path("/work/shared/assets/taesd/taesd_decoder.safetensors")
+TAESD = Path(__file__).resolve().parents[2] / "shared" / "assets" / "taesd" / "taesd_decoder.safetensors"  # ../shared
 MODES = ("unguided", "full", "x0_only")
 CONFIGS = {  # kind: (unet args, model-space sides)
     "pixel": ((1, 16, (1, 2, 4)), (28, 64, 128)),
@@ -59,10 +57,10 @@ def build(kind: str, side: int, batch: int, vae: Path | None):
     decoder = None
     if kind == "latent":
         if vae is not None and vae.is_file():
-            from dps.models.taesd import load_taesd
+            from dps.app import load_taesd
             taesd = load_taesd(vae, "decoder")
         else:  # same architecture, random weights
-            from dps.models.taesd import TinyDecoder
+            from dps.app import TinyDecoder
             taesd = TinyDecoder(4)
         taesd = taesd.eval().requires_grad_(False)
         decoder = lambda z: taesd(z) * 2 - 1  # noqa: E731

@@ -30,10 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dps.guidance import DPSGuidance  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.operators import SuperResolution  # noqa: E402
-from dps.sampling import ddpm_sample  # noqa: E402
+from dps import DPSGuidance, Gaussian, SuperResolution, ddpm_sample  # noqa: E402
 
 MODES = ("unguided", "full", "x0_only")
 

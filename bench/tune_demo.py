@@ -2,7 +2,7 @@
 
     python bench/tune_demo.py [--latent --vae PATH] [--images 16] [--steps 200] [--json]
 
-Prints mean PSNR for every (rule, zeta) and the best per task; ``dps/demo.py``'s GUIDANCE table holds
+Prints mean PSNR for every (rule, zeta) and the best per task; ``dps/app/tuned.py``'s GUIDANCE table holds
 the result.
 """
 
@@ -17,11 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps.demo import TUNING_OFFSET, DemoSettings, load_setup, measure, sample  # noqa: E402
-from dps.guidance import DPSGuidance  # noqa: E402
-from dps.metrics import psnr  # noqa: E402
-from dps.noise import Gaussian  # noqa: E402
-from dps.tasks import TASKS  # noqa: E402
+from dps import DPSGuidance, Gaussian  # noqa: E402
+from dps.app import TASKS, TUNING_OFFSET, DemoSettings, load_setup, measure, psnr, sample  # noqa: E402
 
 GRID = {"dps": (0.3, 1.0, 3.0), "schedule": (10.0, 30.0, 100.0), "polyak": (1.0, 3.0, 10.0)}
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dps.gmm import GaussianMixture, random_problem
-from dps.metrics import max_sliced_wasserstein, sliced_wasserstein
+from dps.app import GaussianMixture, max_sliced_wasserstein, random_problem, sliced_wasserstein
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEEPINV = importlib.util.find_spec("deepinv") is not None

@@ -3,12 +3,8 @@
 import pytest
 import torch
 
-from dps.gmm import GaussianMixture, MatrixOperator, as_image, random_problem
-from dps.guidance import DPSGuidance
-from dps.metrics import sliced_wasserstein
-from dps.noise import Gaussian
-from dps.sampling import ddpm_sample
-from dps.schedule import alphas_cumprod_from_betas, linear_betas
+from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, ddpm_sample, linear_betas
+from dps.app import GaussianMixture, MatrixOperator, as_image, random_problem, sliced_wasserstein
 
 AC = alphas_cumprod_from_betas(linear_betas())
 

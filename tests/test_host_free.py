@@ -1,5 +1,6 @@
-"""The core never imports a host; the repository imports outside ComfyUI and the WebUI."""
+"""The core never imports a host nor the demo application; the repository imports outside ComfyUI and the WebUI."""
 
+import ast
 import importlib.util
 import json
 import subprocess
@@ -18,11 +19,41 @@ def test_dps_imports_with_hosts_blocked():
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] in blocked: raise ImportError('host import: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import dps, dps.operators, dps.noise, dps.guidance, dps.sampling, dps.gmm, dps.metrics, dps.cli\n"
+        "import dps, dps.operators, dps.noise, dps.guidance, dps.sampling, dps.host, dps.app, dps.app.cli, dps.app.train\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _imported_modules(path, package):
+    """Absolute names of the modules that ``path`` (a module of ``package``) imports, relative imports resolved."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            names.append(module)
+            names += [f"{module}.{alias.name}" for alias in node.names]  # ``from .. import app``
+    return names
+
+
+def test_core_never_imports_the_app():
+    core = sorted((ROOT / "dps").glob("*.py")) + sorted((ROOT / "dps" / "operators").glob("*.py"))
+    assert ROOT / "dps" / "guidance.py" in core and ROOT / "dps" / "operators" / "base.py" in core
+    offenders = {}
+    for path in core:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        package = ".".join(parts if parts[-1] == "__init__" else parts[:-1]).removesuffix(".__init__")
+        bad = [m for m in _imported_modules(path, package) if m == "dps.app" or m.startswith("dps.app.")]
+        if bad and path.name != "__main__.py":  # ``python -m dps`` hands over to the app's command line
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders, offenders
 
 
 def test_repository_root_imports_as_a_comfyui_package():

@@ -9,14 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT
-from dps.data import heldout_digits, train_sample_digits
-from dps.guidance import DPSGuidance
-from dps.imageio import read_image, write_png
-from dps.models import SmallUNet
-from dps.noise import Gaussian
-from dps.operators import SuperResolution
-from dps.prior import load_prior
-from dps.train import train
+from dps import DPSGuidance, Gaussian, SuperResolution, alphas_cumprod_from_betas, linear_betas
+from dps.app import SmallUNet, heldout_digits, load_prior, load_taesd, read_image, train_sample_digits, write_png
+from dps.app.train import train
 
 
 def run_cli(*args, timeout=600):
@@ -42,7 +37,6 @@ def test_bundled_pixel_prior_loads_and_denoises():
     prior = load_prior(kind="pixel")
     x0 = heldout_digits(8)
     t = torch.full((8,), 300)
-    from dps.schedule import alphas_cumprod_from_betas, linear_betas
     ac = float(alphas_cumprod_from_betas(linear_betas())[300])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -73,7 +67,6 @@ def test_png_round_trip(tmp_path):
 
 
 def test_latent_gradient_reaches_the_latent_through_taesd(taesd_dir):
-    from dps.models import load_taesd
     vae = load_taesd(taesd_dir / "taesd_decoder.safetensors", "decoder")
     truth = torch.rand(1, 3, 64, 64) * 2 - 1
     op = SuperResolution(4)
@@ -90,9 +83,9 @@ def test_latent_gradient_reaches_the_latent_through_taesd(taesd_dir):
 
 
 @pytest.fixture(scope="module")
-def quick_demo():
-    out = run_cli("demo", "--json", "--images", "8", "--steps", "200", "--output", "/tmp/dps_test_grid.png",
-                  timeout=1800)
+def quick_demo(tmp_path_factory):
+    grid = tmp_path_factory.mktemp("demo") / "grid.png"
+    out = run_cli("demo", "--json", "--images", "8", "--steps", "200", "--output", str(grid), timeout=1800)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

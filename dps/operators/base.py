@@ -1,7 +1,7 @@
 """The operator contract shared by every forward model ``A``.
 
-Images are NCHW batches in the project's one image range, [-1, 1] (the paper's, see
-``dps.conventions``). Operators act on each sample independently: nothing couples the batch.
+Images are NCHW batches in the project's one image range, [-1, 1] (the paper's: the official DPS code's
+``sample_condition.py`` normalises with ``Normalize((0.5,)*3, (0.5,)*3)``; stated once in ``dps/__init__.py``). Operators act on each sample independently: nothing couples the batch.
 """
 
 from __future__ import annotations

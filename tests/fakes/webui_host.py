@@ -1,6 +1,6 @@
 """Fakes of the Stable Diffusion WebUI host contracts the DPS script relies on, for tests without a WebUI.
 
-Faithful to AUTOMATIC1111 @82a973c / Forge @dfdcbab as described in ``shared/notes/webui-internals.md``:
+Faithful to AUTOMATIC1111 @82a973c / Forge @dfdcbab as read in their ``modules/`` sources at those commits:
 
 * ``modules.scripts``: ``Script``, ``AlwaysVisible``; scripts are loaded from file with the extension root
   put on ``sys.path`` only during the import (``load_script``), as ``modules/scripts.py:509-523`` does.

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .operators import (GaussianBlur, Inpainting, MotionBlur, Operator, PhaseRetrieval, SuperResolution, box_mask,
+from ..operators import (GaussianBlur, Inpainting, MotionBlur, Operator, PhaseRetrieval, SuperResolution, box_mask,
                         random_mask)
 
 TASKS = ("super_resolution", "box_inpainting", "random_inpainting", "gaussian_deblur", "motion_deblur",

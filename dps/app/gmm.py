@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .operators.base import LinearOperator
+from ..operators import LinearOperator
 
 
 def mixture_means(dim: int) -> torch.Tensor:

@@ -12,12 +12,10 @@ import torch
 
 def smoke(args: argparse.Namespace) -> int:
     """Run DPS on the Gaussian-mixture benchmark (exact posterior known) and print how close it gets."""
+    from .. import DPSGuidance, alphas_cumprod_from_betas, ddpm_sample, linear_betas
+    from ..noise import Gaussian
     from .gmm import GaussianMixture, MatrixOperator, as_image, random_problem
-    from .guidance import DPSGuidance
     from .metrics import sliced_wasserstein
-    from .noise import Gaussian
-    from .sampling import ddpm_sample
-    from .schedule import alphas_cumprod_from_betas, linear_betas
 
     g = torch.Generator().manual_seed(args.seed)
     prior = GaussianMixture.mcg_diff(8, g)
@@ -48,8 +46,7 @@ def demo(args: argparse.Namespace) -> int:
     """Restore held-out digits on every task; print a table (or one JSON object) and write a PNG grid."""
     from .demo import DemoSettings, grid, run
     from .imageio import write_png
-
-    from .demo import DEFAULT_STEPS
+    from .tuned import DEFAULT_STEPS
 
     steps = args.steps or DEFAULT_STEPS["latent" if args.latent else "pixel"]
     settings = DemoSettings(images=args.images, steps=steps, seed=args.seed, latent=args.latent,
@@ -128,12 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="prior weights (.safetensors); default: the bundled pixel prior")
     p.add_argument("--vae", help="TAESD decoder: selects the latent prior")
     p.set_defaults(func=restore)
+
+    # ``train`` owns its options (dps.app.train); main() hands it the rest of the command line.
+    sub.add_parser("train", add_help=False, help="train an embedded prior (python -m dps train --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .imageio import ImageReadError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

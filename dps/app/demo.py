@@ -15,34 +15,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import DPSGuidance, ddpm_sample
+from ..noise import Gaussian
+from ..operators import Operator
 from .baselines import candidates
 from .data import digits_rgb, heldout_digits
-from .guidance import DPSGuidance
 from .metrics import psnr, ssim
-from .noise import Gaussian
-from .operators import Operator
 from .prior import Prior, load_prior
-from .sampling import ddpm_sample
 from .tasks import TASKS, make_operator
-
-# (rule, zeta, reference steps) per task and prior. Pixel: tuned on held-out digits 50-57 at 200 steps by
-# `python bench/tune_demo.py --images 8 --steps 200 --rules dps` (the demo reports digits 0-49): ζ = 3 was
-# best on five tasks, ζ = 1 on phase retrieval. Latent: ζ = 0.1 at 100 steps from bench/restore.py's strength
-# check at 50 steps (best 0.1-0.3); super-resolution ζ = 0.3 from `python bench/tune_demo.py --latent --vae
-# PATH --images 4 --steps 100 --tasks super_resolution --rules dps` (27.0 dB vs 23.2 at 1). With the constant rule the total guidance is ζ x steps, so ζ is
-# rescaled by reference_steps / steps when another step count is asked for (``guidance_for``).
-GUIDANCE = {
-    "pixel": {**{task: ("dps", 3.0, 200) for task in TASKS}, "phase_retrieval": ("dps", 1.0, 200)},
-    "latent": {**{task: ("dps", 0.1, 100) for task in TASKS}, "super_resolution": ("dps", 0.3, 100)},
-}
-DEFAULT_STEPS = {"pixel": 200, "latent": 100}
-TUNING_OFFSET = 50
-
-
-def guidance_for(kind: str, task: str, steps: int) -> tuple[str, float]:
-    """The default (rule, zeta) for ``steps`` sampling steps."""
-    rule, zeta, reference = GUIDANCE[kind].get(task, ("dps", 1.0, steps))
-    return rule, (zeta * reference / steps if rule in ("dps", "dps_paper") else zeta)
+from .tuned import guidance_for
 
 
 @dataclass

@@ -9,14 +9,13 @@ from typing import Callable
 
 import torch
 
-from .demo import guidance_for
-from .guidance import DPSGuidance
+from .. import DPSGuidance, ddpm_sample
+from ..noise import Gaussian
+from ..operators import GaussianBlur, Inpainting, MotionBlur, Operator, PhaseRetrieval, SuperResolution
 from .imageio import read_image, write_png
 from .models.taesd import load_taesd
-from .noise import Gaussian
-from .operators import GaussianBlur, Inpainting, MotionBlur, Operator, PhaseRetrieval, SuperResolution
 from .prior import load_prior
-from .sampling import ddpm_sample
+from .tuned import guidance_for
 
 
 @dataclass
