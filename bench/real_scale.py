@@ -3,8 +3,8 @@
 Builds the KL VAE of SD1.x/SDXL (4 latent channels) or of SD3/FLUX (16) with ComfyUI's own classes and seeded
 random weights (``comfy.sd.VAE`` from an ``AutoencoderKL`` state dict, as a checkpoint's VAE is built), and the
 real TAESD decoders from ``../shared/assets/taesd`` when they are there. For each image size and mode it runs,
-in a fresh subprocess, what one guided step costs on the decoder side: the decode, ``v = ∂d/∂image`` for x4
-super-resolution, and ``J_Dᵀ v`` by ``dps.vae_gradient`` (modes full, checkpointed, tiled; ``bf16``: the full
+in a fresh subprocess, what one guided step costs on the decoder side: the latent gradient of the x4
+super-resolution residual, ``DecoderGradient.gradient`` of ``dps.vae_gradient`` (modes full, checkpointed, tiled; ``bf16``: the full
 mode with the VAE in bfloat16 and the residual in float32; ``taesd``: the fast decoder), next to the no-grad
 decode an unguided run ends with. Peak memory is the child's peak resident set (VmHWM, reset after the model
 is built) above its resident set before the step, or CUDA's peak allocation on a GPU. ``--check`` compares the
@@ -142,6 +142,23 @@ def _setup(config: dict):
     return gradient, z, device
 
 
+def _objective(op_name: str, size: int, device, seed: int = 5):
+    """``image -> (d, Σd)`` for x4 super-resolution etc. of a measurement made from another random image, as
+    ``DPSGuidance`` differentiates it."""
+    import torch
+    from dps.guidance import DPSGuidance
+    op, noise = _problem(op_name, size)
+    truth = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device) * 2 - 1
+    with torch.no_grad():
+        y = op(truth)
+    guidance = DPSGuidance(op, noise, y)
+
+    def objective(image):
+        distance = guidance.image_distance(image)
+        return distance, distance.sum()
+    return objective
+
+
 def _image_gradient(op_name: str, image, seed: int = 5):
     """``v = ∂d/∂image`` for a measurement made from another random image."""
     import torch
@@ -171,12 +188,13 @@ def run_one(config: dict) -> dict:
         _reset_peak()
         before = _rss()
     start = time.perf_counter()
-    image = gradient.image(z)
     plan = None
-    if config["mode"] != "nograd":
-        v = _image_gradient("sr", image)
+    if config["mode"] == "nograd":
+        gradient.image(z)
+    else:
+        objective = _objective("sr", config["size"], z.device)
         plan = gradient.plan_for(z)
-        g = gradient.vjp(z, v)
+        _, g = gradient.gradient(z, objective)
         assert torch.isfinite(g).all(), "non-finite latent gradient"
     if cuda:
         torch.cuda.synchronize()

@@ -6,7 +6,7 @@ Notation: ``x_t`` the sampler's state, ``x0_hat = E[x_0 | x_t]`` (Tweedie), ``D`
 
     d(x_t) = ‖ residual(y, A(D(x0_hat(x_t)))) ‖₂        (per sample; see ``dps.noise``)
 
-Step rules (``RULES``):
+Step rules (``RULES``; one class each in ``dps.rules``, which owns every form of a rule):
 
 * ``"dps"``: ``x_{t-1} = x'_{t-1} − ζ ∇_{x_t} d``, the official code's rule (``condition_methods.py``),
   computed per sample instead of over the whole batch.
@@ -47,11 +47,15 @@ from typing import Callable
 
 import torch
 
+from .autograd_safe import autograd_safe
 from .noise import NoiseModel
 from .operators import Operator
+from .rules import DEFAULTS, RULES, StepRule, ddpm_step_size, denoised_correction, get_rule
 from .vae_gradient import DecoderGradient
 
-RULES = ("dps", "dps_paper", "schedule", "polyak")
+__all__ = ["DPSGuidance", "GuidanceResult", "GuidanceDivergedError", "RULES", "MODES", "ON_NONFINITE",
+           "ddpm_step_size", "denoised_correction", "x0_jacobian", "vp_x0_jacobian", "rms"]
+
 MODES = ("full", "x0_only")
 ON_NONFINITE = ("raise", "skip")
 
@@ -75,11 +79,6 @@ class GuidanceResult:
     skipped: bool = False
 
 
-def _normal(t: torch.Tensor) -> torch.Tensor:
-    """A tensor autograd may use: inference tensors (hosts' inference mode) are copied."""
-    return t.clone() if t.is_inference() else t
-
-
 @dataclass
 class DPSGuidance:
     """Everything guidance needs: the measurement ``y``, the operator ``A``, the noise model and the
@@ -90,9 +89,10 @@ class DPSGuidance:
         noise: the noise model (``dps.noise``); supplies the residual.
         y: the measurement, shaped like ``A(x)`` (batch 1 is broadcast over the sampler's batch).
         zeta: the step size ζ (its meaning depends on ``rule``; see the module docstring).
-        rule: one of ``RULES``. The default, "schedule" with ζ = 2, is the setting that needed the least
-            tuning on the Gaussian-mixture benchmark: its best ζ stayed at 1-3 from 100 to 1000 steps while
-            the constant rule's moved tenfold (``bench/gmm.py``, results in ``bench/README.md``).
+        rule: one of ``RULES``. The default, "schedule" with ζ = 2 (``dps.rules.DEFAULTS["ddpm"]``), is the
+            setting that needed the least tuning on the Gaussian-mixture benchmark: its best ζ stayed at 1-3 from
+            100 to 1000 steps while the constant rule's moved tenfold (``bench/gmm.py``, results in
+            ``bench/README.md``). σ-space hosts start from ``DEFAULTS["sigma"]``.
         mode: one of ``MODES``.
         decoder: maps the model's x0 (a latent) to an image in [-1, 1]; ``None`` for pixel models.
         start, end: guide only while the sampling progress (0 at the first step, 1 at the last) lies in
@@ -104,16 +104,16 @@ class DPSGuidance:
             ControlNet residuals with ``h += ctrl``); host adapters set it. It costs 15-25 % per guided step on
             the small embedded pixel prior on CPU, hence off for the reference samplers.
         decoder_gradient: a memory-bounded way through the decoder (``dps.vae_gradient``); replaces
-            ``decoder``. The gradient is then taken in two parts by the chain rule: ``v = ∂d/∂image`` on one
-            no-grad decode, ``J_Dᵀ v`` by the planned mode, and (mode "full") that pulled back through the
-            denoiser, so the decoder's and the denoiser's graphs are never held together.
+            ``decoder``. The gradient is then taken in two parts by the chain rule: the latent gradient
+            ``J_Dᵀ ∂d/∂image`` by the planned mode, then (mode "full") that pulled back through the denoiser,
+            so the decoder's and the denoiser's graphs are never held together.
     """
 
     operator: Operator
     noise: NoiseModel
     y: torch.Tensor
-    zeta: float = 2.0
-    rule: str = "schedule"
+    zeta: float = DEFAULTS["ddpm"].zeta
+    rule: str = DEFAULTS["ddpm"].rule
     mode: str = "full"
     decoder: Decoder | None = None
     start: float = 0.0
@@ -125,8 +125,7 @@ class DPSGuidance:
     decoder_gradient: DecoderGradient | None = None
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        get_rule(self.rule)   # ValueError listing the registered rules
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.on_nonfinite not in ON_NONFINITE:
@@ -137,6 +136,11 @@ class DPSGuidance:
             raise ValueError(f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         if not torch.isfinite(self.y).all():
             raise ValueError("the measurement y contains NaN or infinite values; check the input image")
+
+    @property
+    def step_rule(self) -> StepRule:
+        """The rule's object (``dps.rules``), which owns its step in every sampler form."""
+        return get_rule(self.rule)
 
     def active(self, progress: float) -> bool:
         """Whether to guide at this sampling progress (0 = first step, 1 = last)."""
@@ -152,25 +156,23 @@ class DPSGuidance:
         """
         mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if self.inplace_safe else nullcontext()
         with torch.inference_mode(False), torch.enable_grad(), mutation:
-            x = _normal(x_t).detach().requires_grad_(self.mode == "full")
+            x = autograd_safe(x_t).detach().requires_grad_(self.mode == "full")
             if self.mode == "full":
                 x0_hat = x0_fn(x)
                 leaf = x
             else:
                 with torch.no_grad():
                     x0_hat = x0_fn(x)
-                x0_hat = _normal(x0_hat).detach().requires_grad_(True)
+                x0_hat = autograd_safe(x0_hat).detach().requires_grad_(True)
                 leaf = x0_hat
             if self.decoder_gradient is None:
                 distance = self.distance(x0_hat)
-                objective = distance.square() if self.rule == "dps_paper" else distance
-                (grad,) = torch.autograd.grad(objective.sum(), leaf)
+                (grad,) = torch.autograd.grad(self.step_rule.objective(distance).sum(), leaf)
             else:
                 distance, grad = self._split_gradient(x0_hat, leaf)
         grad = grad.detach()
         distance = distance.detach()
-        if self.rule == "dps_paper":
-            grad = grad / distance.clamp_min(torch.finfo(distance.dtype).tiny).view(-1, *([1] * (grad.ndim - 1)))
+        grad = self.step_rule.scale_gradient(grad, distance)
         return self._checked(GuidanceResult(x0_hat.detach(), distance, grad), x_t)
 
     def step_gradient(self, result: GuidanceResult, jacobian: float = 1.0,
@@ -192,30 +194,16 @@ class DPSGuidance:
         P is formed as ``‖P‖ · g/‖g‖`` in float64, so a tiny ‖g‖ gives a long but finite step (cut by the trust
         region) and a zero or non-finite ‖g‖ a zero step, never NaN or inf.
         """
-        if self.rule != "polyak":
-            return result.grad * jacobian if self.mode == "x0_only" else result.grad
-        grad = result.grad
-        floor = self.noise.expected_distance(_normal(self.y)).to(result.distance)
-        excess = (result.distance - floor).clamp_min(0).double()
-        norm = grad.double().flatten(1).square().sum(1).sqrt()
-        usable = (norm > 0) & torch.isfinite(norm)
-        safe_norm = torch.where(usable, norm, torch.ones_like(norm))
-        length = torch.where(usable, excess / safe_norm, torch.zeros_like(norm))   # ‖P‖ = (d − d*)₊ / ‖g‖
-        if limit is not None and self.zeta > 0:
-            bound = limit.double().to(length.device) / self.zeta * grad[0].numel() ** 0.5   # RMS(ζP) <= limit
-            length = torch.minimum(length, bound)
-        direction = grad.double() / safe_norm.view(-1, *([1] * (grad.ndim - 1)))
-        step = direction * length.view(-1, *([1] * (grad.ndim - 1)))
-        return step.to(grad.dtype)
+        return self.step_rule.direction(self, result, jacobian, limit)
 
     def _split_gradient(self, x0_hat: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance and gradient through ``decoder_gradient`` (see its field's description)."""
-        latent = x0_hat.detach()
-        image = self.decoder_gradient.image(latent).detach().requires_grad_(True)
-        distance = self.image_distance(image)
-        objective = distance.square() if self.rule == "dps_paper" else distance
-        (v,) = torch.autograd.grad(objective.sum(), image)
-        g_latent = self.decoder_gradient.vjp(latent, v)
+
+        def objective(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            distance = self.image_distance(image)
+            return distance, self.step_rule.objective(distance).sum()
+
+        distance, g_latent = self.decoder_gradient.gradient(x0_hat.detach(), objective)
         if leaf is x0_hat:
             return distance, g_latent
         (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=g_latent.to(x0_hat.dtype))
@@ -231,7 +219,7 @@ class DPSGuidance:
         """Per-sample ``d = ‖residual(y, A(image))‖`` for a decoded image in [-1, 1], in float32 at least."""
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()
-        y = _normal(self.y).to(device=image.device, dtype=image.dtype)
+        y = autograd_safe(self.y).to(device=image.device, dtype=image.dtype)
         ax = self.operator(image)
         if y.shape[0] == 1 and ax.shape[0] > 1:
             y = y.expand(ax.shape[0], *y.shape[1:])
@@ -265,25 +253,6 @@ class DPSGuidance:
         return torch.zeros_like(step)
 
 
-def ddpm_step_size(rule: str, zeta: float, beta: float, alpha_cumprod: float | None = None) -> float:
-    """The factor multiplying the gradient in a DDPM/DDIM x-space update ``x_{t-1} = x'_{t-1} − size · grad``.
-
-    "dps"/"dps_paper": ζ (constant). "polyak": ζ (1 − σ_{t−1}/σ_t) with σ² = (1 − ᾱ)/ᾱ and
-    ᾱ_{t−1} = ᾱ_t/(1 − β_t) (needs ``alpha_cumprod``, ᾱ_t; the per-sample factor is in ``step_gradient``). "schedule": ζ β_t / √(1 − β_t), the coefficient of the score in the
-    DDPM posterior mean ``μ = (x_t + β_t ∇log p_t(x_t)) / √α_t`` (Ho et al. 2020, eq. 11), applied to
-    the likelihood score ``∇log p(y|x_t) ≈ −ζ ∇d``.
-    """
-    if rule == "schedule":
-        return zeta * beta / math.sqrt(1.0 - beta)
-    if rule == "polyak":
-        if alpha_cumprod is None:
-            raise ValueError("the 'polyak' rule needs alpha_cumprod for its DDPM step size")
-        ac_prev = min(alpha_cumprod / (1.0 - beta), 1.0)
-        sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-        return zeta * (1.0 - math.sqrt((1 - ac_prev) / ac_prev) / sigma)
-    return zeta
-
-
 def x0_jacobian(sigma: float, sigma_data: float = 0.5, alpha: float = 1.0) -> float:
     """∂x0_hat/∂x for ``x = α x0 + σε`` under a Gaussian prior N(0, σ_d²): α σ_d²/(α² σ_d² + σ²)
     (mode "x0_only"); α = 1 for k-diffusion's x = x0 + σε, α = 1 − σ for rectified-flow models (SD3, FLUX)."""
@@ -299,27 +268,3 @@ def vp_x0_jacobian(alpha_cumprod: float, sigma_data: float = 0.5) -> float:
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Per-sample root mean square, float32, shape (B,)."""
     return x.detach().float().flatten(1).square().mean(1).sqrt()
-
-
-def denoised_correction(grad: torch.Tensor, sigma: float, delta_sigma: float | None, rule: str,
-                        zeta: float, alpha: float = 1.0) -> torch.Tensor:
-    """The change of the denoised prediction ``D(x, σ)`` that applies guidance in σ-space samplers.
-
-    For ``x = x0 + σε`` and an Euler step ``x_next = x + (σ_next − σ)(x − D)/σ``:
-
-    * posterior-score form (rule "schedule"): ``D' = D + σ² ∇log p(y|x)`` with ``∇log p(y|x) ≈ −ζ ∇d``
-      (Tweedie's formula applied to the posterior; the k-diffusion CLIP-guidance template).
-      Used too when the step is unknown (``delta_sigma`` is None).
-    * Euler-calibrated form (rules "dps", "dps_paper"): ``D' = D − ζ ∇d · σ / Δσ`` with ``Δσ = σ − σ_next``,
-      so one Euler step moves x by exactly ``−ζ ∇d``, the x-space DPS step.
-    * rate form (rule "polyak", ``grad`` = its Polyak direction P): ``D' = D − ζP`` whatever the step.
-
-    Flow models (``x = α x0 + σε``, α = 1 − σ, with the same Euler step on d = (x − D)/σ as ComfyUI uses):
-    Tweedie gives ``E[x0|x] = (x + σ²∇log p(x))/α``, so the posterior-score form becomes
-    ``D' = D + (σ²/α)∇log p(y|x)``; the Euler-calibrated form is unchanged.
-    """
-    if rule == "polyak":
-        return -zeta * grad
-    if rule == "schedule" or delta_sigma is None or delta_sigma <= 0:
-        return -zeta * sigma**2 / alpha * grad
-    return -zeta * (sigma / delta_sigma) * grad

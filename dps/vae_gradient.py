@@ -369,6 +369,25 @@ class DecoderGradient:
         with torch.no_grad():
             return self.decode(z)
 
+    def gradient(self, z: torch.Tensor, objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``objective(image)`` returns (per-sample distance, scalar to differentiate); returns the distance and
+        the scalar's gradient with respect to the latent ``z``. Modes "full" and "checkpointed" decode once with a
+        graph and backpropagate; "tiled" takes ``v = ∂/∂image`` on a no-grad decode, then ``vjp``."""
+        chosen = self.plan_for(z)
+        if chosen.mode == "tiled":
+            image = self.image(z).detach().requires_grad_(True)
+            with torch.enable_grad():
+                distance, total = objective(image)
+                (v,) = torch.autograd.grad(total, image)
+            return distance.detach(), self.vjp(z, v)
+        module = checkpointed_view(self.module) if chosen.mode == "checkpointed" else self.module
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            distance, total = objective(self.call(module, leaf))
+            (g,) = torch.autograd.grad(total, leaf)
+        return distance.detach(), g
+
     def vjp(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``J_D(z)ᵀ v`` by the planned mode."""
         chosen = self.plan_for(z)
