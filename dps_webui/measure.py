@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dps.operators import Operator
+from dps.operators import Operator, registry
 
 from .settings import DPSSettings
 
@@ -78,25 +78,25 @@ def make_measurement(settings: DPSSettings, operator: Operator, image: torch.Ten
     """The measurement ``y`` for images of (height, width), from ``image`` in [-1, 1].
 
     ``settings.simulate``: the image is clean; y = A(image) + noise. Otherwise the image *is* the degraded
-    observation: super-resolution resizes it to the low-resolution size, blurs take it as it is, and
-    inpainting/grayscale apply A (which only zeroes the holes / takes the luma, so it is idempotent).
+    observation, as the operator's spec says (``from_picture``): resized to the measurement's size
+    (super-resolution, blurs), or with A applied (inpainting, grayscale: A only zeroes the holes / takes the
+    luma, so it is idempotent); an operator whose measurement is no picture (phase retrieval) needs simulate.
     """
     shape = (1, 3, height, width)
+    spec = registry.get(settings.task)
     if settings.simulate:
         from .settings import build_noise
         with torch.no_grad():
             y = build_noise(settings).sample(operator(resize(image, height, width)), generator)
-    elif settings.task == "super_resolution":
+    elif spec.from_picture == "resize":
         _, _, h, w = operator.measurement_shape(shape)
         y = resize(image, h, w)
-    elif settings.task in ("gaussian_blur", "motion_blur"):
-        y = resize(image, height, width)
-    elif settings.task in ("inpainting", "grayscale"):
+    elif spec.from_picture == "apply":
         with torch.no_grad():
             y = operator(resize(image, height, width))
     else:
-        raise ValueError("DPS: a phase-retrieval measurement cannot be given as an image; tick 'image is clean, "
-                         "simulate the measurement' to make y = |F(x)| from a clean image")
+        raise ValueError(f"DPS: a {spec.display_name.lower()} measurement ({spec.measurement}) cannot be given as an "
+                         "image; tick 'image is clean, simulate the measurement' to make y = A(x) from a clean image")
     operator.check_measurement(y, shape)
     return y.detach()
 

@@ -1,26 +1,48 @@
 """Host-free constructors behind the DPS nodes: ComfyUI values in, ``dps`` objects out.
 
-ComfyUI IMAGE is (B, H, W, C) in [0, 1] and MASK is (B, H, W) with 1 = missing, ours too.
+ComfyUI IMAGE is (B, H, W, C) in [0, 1] and MASK is (B, H, W) with 1 = missing, ours too. The operator nodes
+are generated from the operator registry (``nodes.v3``); ``build_operator`` turns their inputs into the core's.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from ..dps import noise as dps_noise
 from ..dps import operators as ops
+from ..dps.operators import registry
+from ..dps.operators.spec import OperatorSpec, Param
 from ..dps.host import image_to_nchw, nchw_to_image
 
 
-def inpainting(mask: torch.Tensor) -> ops.Inpainting:
+def core_value(param: Param, value: Any) -> Any:
+    """A node input as the core's value: a MASK (B, H, W) becomes a mask with 1 = missing ((H, W) for one,
+    (B, 1, H, W) for a batch that guides a batch of images); an IMAGE an NCHW batch in [-1, 1]."""
+    if value is None:
+        return None
+    if param.kind == "mask":
+        if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3):
+            raise ValueError(f"{param.name} must be a MASK (batch, height, width) with 1 = missing; use Load Image's "
+                             "mask, DPS Box Mask or DPS Random Mask")
+        mask = value.float()
+        if mask.ndim == 3:
+            mask = mask[0] if mask.shape[0] == 1 else mask[:, None]
+        return mask.clamp(0, 1)
+    if param.kind == "image":
+        return image_to_nchw(value)
+    return value
+
+
+def build_operator(spec: OperatorSpec, values: dict[str, Any]) -> ops.Operator:
+    """The operator of a generated operator node from its input values (optional inputs may be missing)."""
+    return spec.build(**{name: core_value(spec.param(name), v) for name, v in values.items() if v is not None})
+
+
+def inpainting(mask: torch.Tensor) -> ops.Operator:
     """An inpainting operator from a MASK (1 = missing); a batch of masks guides a batch of images."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
-        raise ValueError("mask must be a MASK (batch, height, width) with 1 = missing; use Load Image's mask, "
-                         "DPS Box Mask or DPS Random Mask")
-    mask = mask.float()
-    if mask.ndim == 3:
-        mask = mask[0] if mask.shape[0] == 1 else mask[:, None]
-    return ops.Inpainting(mask.clamp(0, 1))
+    return build_operator(registry.get("inpainting"), {"mask": mask})
 
 
 def box_mask(width: int, height: int, box_width: int, box_height: int, margin: int, seed: int) -> torch.Tensor:
@@ -33,19 +55,6 @@ def random_mask(width: int, height: int, fraction: float, seed: int) -> torch.Te
     """A MASK (1, H, W) with ``fraction`` of the pixels missing, chosen at random (seeded)."""
     g = torch.Generator().manual_seed(int(seed))
     return ops.random_mask(height, width, fraction, generator=g)[:, 0]
-
-
-def motion_blur(kernel_size: int, intensity: float, seed: int, kernel: torch.Tensor | None = None) -> ops.MotionBlur:
-    """Motion blur from a seeded random trajectory, or from a kernel IMAGE (its gray levels, normalised)."""
-    if kernel is None:
-        return ops.MotionBlur(kernel_size=kernel_size, intensity=intensity, seed=seed)
-    k = kernel[0, ..., :3].float().mean(dim=-1) if kernel.ndim == 4 else kernel.float()
-    if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
-        raise ValueError(f"the kernel image is {k.shape[1]}x{k.shape[0]}; its sides must be odd (e.g. 31x31) so "
-                         "the blur does not shift the picture. Crop or pad it by one pixel")
-    if float(k.sum()) <= 0:
-        raise ValueError("the kernel image is all black; draw the blur path in white on black")
-    return ops.MotionBlur(kernel=k / k.sum())
 
 
 def compose(*parts: ops.Operator | None) -> ops.Compose:

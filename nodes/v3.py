@@ -6,6 +6,7 @@ in-process ``io.ComfyNode`` (not the brokered SDK tier) because guidance needs r
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -14,8 +15,8 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from ..dps.guidance import MODES, RULES
-from ..dps.operators import GaussianBlur, Grayscale, PhaseRetrieval, SuperResolution
-from ..dps.operators.resample import FILTERS as FILTERS_SR
+from ..dps.operators import registry
+from ..dps.operators.spec import OperatorSpec, Param
 from . import builders
 from ..dps.vae_gradient import VAE_GRADIENTS
 from .hook import DEFAULT_RULE, DEFAULT_ZETA, OUTER_SAMPLE, PRECISIONS, PREDICT_NOISE, Settings, apply_dps
@@ -35,39 +36,49 @@ def _seed(tooltip: str) -> io.Int.Input:
     return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip=tooltip)
 
 
-class DPSSuperResolution(io.ComfyNode):
+def _input(p: Param) -> io.Input:
+    """The widget or socket of one operator parameter, its range and its help text (with units) as tooltip."""
+    if p.kind == "int":
+        return io.Int.Input(p.name, default=p.default, min=p.min, max=p.max, step=p.step, tooltip=p.help)
+    if p.kind == "float":
+        return io.Float.Input(p.name, default=p.default, min=p.min, max=p.max, step=p.step, tooltip=p.help)
+    if p.kind == "choice":
+        return io.Combo.Input(p.name, options=list(p.choices), default=p.default, tooltip=p.help)
+    socket = io.Mask if p.kind == "mask" else io.Image
+    return socket.Input(p.name, optional=p.optional, tooltip=p.help)
+
+
+def _schema(**fields) -> io.Schema:
+    """``io.Schema`` with the fields this ComfyUI has (``search_aliases`` is newer than some installs)."""
+    params = inspect.signature(io.Schema).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        fields = {k: v for k, v in fields.items() if k in params}
+    return io.Schema(**fields)
+
+
+class OperatorNode(io.ComfyNode):
+    """The node of one registered operator (``SPEC``): one input per parameter, the operator out."""
+
+    SPEC: OperatorSpec
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSSuperResolution", display_name="DPS Super-Resolution", category=CATEGORY,
-            description="The measurement is the picture shrunk by an integer factor: restore detail from a small image.",
-            inputs=[
-                io.Int.Input("factor", default=4, min=1, max=16, tooltip="How many times smaller the measurement is "
-                             "than the output (a 128 px photo restored to 512 px: 4)."),
-                io.Combo.Input("filter", options=list(FILTERS_SR), default="bicubic",
-                               tooltip="How the measurement was shrunk: bicubic (most photos), bilinear, or area "
-                                       "(box average)."),
-            ],
-            outputs=_op_out())
+        spec = cls.SPEC
+        return _schema(node_id=spec.node_id, display_name=f"DPS {spec.display_name}", category=CATEGORY,
+                       description=f"{spec.description} The measurement: {spec.measurement}.",
+                       inputs=[_input(p) for p in spec.params], outputs=_op_out(),
+                       search_aliases=list(spec.aliases), is_experimental=spec.experimental)
 
     @classmethod
-    def execute(cls, factor: int, filter: str) -> io.NodeOutput:
-        return io.NodeOutput(SuperResolution(factor=factor, filter=filter))
+    def execute(cls, **values) -> io.NodeOutput:
+        return io.NodeOutput(builders.build_operator(cls.SPEC, values))
 
 
-class DPSInpainting(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSInpainting", display_name="DPS Inpainting", category=CATEGORY,
-            description="The measurement is the picture with holes: the masked pixels are unknown.",
-            inputs=[io.Mask.Input("mask", tooltip="1 (white) = missing, 0 = measured; Load Image's mask, DPS Box "
-                                                  "Mask or DPS Random Mask. Same size as the measurement.")],
-            outputs=_op_out())
-
-    @classmethod
-    def execute(cls, mask: torch.Tensor) -> io.NodeOutput:
-        return io.NodeOutput(builders.inpainting(mask))
+def operator_nodes() -> list[type[io.ComfyNode]]:
+    """One node class per registered operator, named by its node id (``DPSSuperResolution``, ...)."""
+    return [type(spec.node_id, (OperatorNode,), {"SPEC": spec, "__module__": __name__,
+                                                 "__doc__": f"DPS {spec.display_name}: {spec.description}"})
+            for spec in registry.specs()]
 
 
 class DPSBoxMask(io.ComfyNode):
@@ -109,76 +120,6 @@ class DPSRandomMask(io.ComfyNode):
     @classmethod
     def execute(cls, width, height, fraction, seed) -> io.NodeOutput:
         return io.NodeOutput(builders.random_mask(width, height, fraction, seed))
-
-
-class DPSGaussianBlur(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSGaussianBlur", display_name="DPS Gaussian Blur", category=CATEGORY,
-            description="The measurement is an out-of-focus (Gaussian-blurred) picture.",
-            inputs=[
-                io.Int.Input("kernel_size", default=61, min=1, max=255, step=2,
-                             tooltip="Blur kernel side in pixels, odd (the paper: 61). Must be smaller than the image."),
-                io.Float.Input("sigma", default=3.0, min=0.1, max=100.0, step=0.1,
-                               tooltip="Blur radius (standard deviation) in pixels (the paper: 3)."),
-            ],
-            outputs=_op_out())
-
-    @classmethod
-    def execute(cls, kernel_size, sigma) -> io.NodeOutput:
-        return io.NodeOutput(GaussianBlur(kernel_size=kernel_size, sigma=sigma))
-
-
-class DPSMotionBlur(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSMotionBlur", display_name="DPS Motion Blur", category=CATEGORY,
-            description="The measurement is a shaken (motion-blurred) picture; the blur path is random (seeded) "
-                        "or drawn by you as a kernel image.",
-            inputs=[
-                io.Int.Input("kernel_size", default=61, min=3, max=255, step=2, tooltip="Kernel side in pixels, odd."),
-                io.Float.Input("intensity", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="How curved the random path is (the paper: 0.5)."),
-                _seed("Which random path."),
-                io.Image.Input("kernel", optional=True,
-                               tooltip="Optional: a white-on-black image of the blur path with odd sides; it "
-                                       "replaces the random path (size, intensity and seed are then ignored)."),
-            ],
-            outputs=_op_out())
-
-    @classmethod
-    def execute(cls, kernel_size, intensity, seed, kernel=None) -> io.NodeOutput:
-        return io.NodeOutput(builders.motion_blur(kernel_size, intensity, seed, kernel))
-
-
-class DPSPhaseRetrieval(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSPhaseRetrieval", display_name="DPS Phase Retrieval", category=CATEGORY,
-            description="The measurement is the magnitude of the picture's Fourier transform (a research task).",
-            inputs=[io.Float.Input("oversample", default=2.0, min=0.0, max=8.0, step=0.5,
-                                   tooltip="Zero padding around the image, as a multiple of its size (the paper: 2).")],
-            outputs=_op_out())
-
-    @classmethod
-    def execute(cls, oversample) -> io.NodeOutput:
-        return io.NodeOutput(PhaseRetrieval(oversample=oversample))
-
-
-class DPSGrayscale(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DPSGrayscale", display_name="DPS Grayscale", category=CATEGORY,
-            description="The measurement is a black-and-white picture (colourisation, or a sketch's tones).",
-            inputs=[], outputs=_op_out())
-
-    @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(Grayscale())
 
 
 class DPSCompose(io.ComfyNode):
@@ -337,14 +278,16 @@ class DPSApply(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-NODES = [DPSApply, DPSMeasure, DPSSuperResolution, DPSInpainting, DPSBoxMask, DPSRandomMask, DPSGaussianBlur,
-         DPSMotionBlur, DPSPhaseRetrieval, DPSGrayscale, DPSCompose, DPSGaussianNoise, DPSPoissonNoise]
+def nodes() -> list[type[io.ComfyNode]]:
+    """Every node of the pack; the operator nodes come from the operator registry."""
+    return [DPSApply, DPSMeasure, *operator_nodes(), DPSBoxMask, DPSRandomMask, DPSCompose, DPSGaussianNoise,
+            DPSPoissonNoise]
 
 
 class DPSExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return nodes()
 
 
 async def comfy_entrypoint() -> DPSExtension:

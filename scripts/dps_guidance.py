@@ -13,10 +13,12 @@ import math
 import torch
 
 from dps.guidance import DPSGuidance
+from dps.operators import registry
 from dps.vae_gradient import VAE_GRADIENTS
 from dps_webui import hooks, measure, xyz
-from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, RULES, SOURCES, SR_FILTERS, TASKS,
-                                DPSSettings, build_noise, build_operator, parse_infotext, replace)
+from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, OPERATOR_SETTINGS, RULES, SOURCES,
+                                TASKS, DPSSettings, build_noise, build_operator, needs_mask, operator_values,
+                                parse_infotext, replace, setting_name, webui_specs)
 
 try:
     import gradio as gr
@@ -94,21 +96,27 @@ def _fit(p, image, width: int, height: int):
     return host_images.resize_image(getattr(p, "resize_mode", 0), image, width, height)
 
 
+def _operator_control(name: str):
+    """The gradio control of one operator setting, from its parameter's spec (label, range, help with units)."""
+    param, value = OPERATOR_SETTINGS[name], getattr(DEFAULTS, name)
+    if param.kind == "choice":
+        return gr.Dropdown(label=param.label, choices=list(param.choices), value=value, info=param.help)
+    if param.min is None or param.max is None or param.max - param.min > 10_000:  # a seed: type it
+        return gr.Number(label=param.label, value=value, precision=0 if param.kind == "int" else None, info=param.help)
+    step = param.step or (1 if param.kind == "int" else 0.01)
+    return gr.Slider(label=param.label, minimum=param.min, maximum=param.max, step=step, value=value, info=param.help)
+
+
 def _operator_controls(c: dict) -> None:
-    """The operator's parameters (shared by the accordion and the tab)."""
-    d = DEFAULTS
-    with gr.Row():
-        c["sr_factor"] = gr.Slider(label="Super-resolution factor", minimum=1, maximum=16, step=1, value=d.sr_factor)
-        c["sr_filter"] = gr.Dropdown(label="Downsampling filter", choices=list(SR_FILTERS), value=d.sr_filter)
-    with gr.Row():
-        c["blur_kernel"] = gr.Slider(label="Blur kernel size", minimum=3, maximum=121, step=2, value=d.blur_kernel)
-        c["blur_sigma"] = gr.Slider(label="Gaussian blur sigma (px)", minimum=0.1, maximum=20.0, step=0.1,
-                                    value=d.blur_sigma)
-        c["motion_intensity"] = gr.Slider(label="Motion blur intensity", minimum=0.0, maximum=1.0, step=0.05,
-                                          value=d.motion_intensity)
-        c["motion_seed"] = gr.Number(label="Motion kernel seed", value=d.motion_seed, precision=0)
-        c["phase_oversample"] = gr.Slider(label="Phase retrieval oversampling", minimum=1.0, maximum=4.0, step=0.25,
-                                          value=d.phase_oversample)
+    """The operators' parameters, a row per operator as the registry lists them (shared by the accordion and
+    the tab); a setting two operators share (the blur kernel size) is shown once."""
+    for spec in webui_specs():
+        names = [setting_name(spec, p) for p in spec.params if not p.is_tensor]
+        names = [n for n in dict.fromkeys(names) if n not in c]
+        if names:
+            with gr.Row():
+                for name in names:
+                    c[name] = _operator_control(name)
 
 
 def _guidance_controls(c: dict) -> None:
@@ -258,7 +266,7 @@ if scripts is not None:
 
         def _measurement(self, p, settings: DPSSettings, height: int, width: int):
             mask = None
-            if settings.task == "inpainting":
+            if needs_mask(settings.task):
                 source_mask = measure.decode_image(settings.mask)
                 invert = False
                 if source_mask is None:
@@ -281,8 +289,8 @@ if scripts is not None:
                     raise ValueError("DPS: no measurement image; upload the degraded image in the DPS accordion, "
                                      "or in img2img choose 'init image'")
             h, w = height, width
-            if settings.task == "super_resolution" and not settings.simulate:
-                h, w = height // settings.sr_factor, width // settings.sr_factor
+            if not settings.simulate and registry.get(settings.task).from_picture == "resize":
+                _, _, h, w = operator.measurement_shape((1, 3, height, width))  # e.g. 1/factor for super-resolution
             tensor = measure.image_to_tensor(_fit(p, image, w, h) if settings.source == "init image" else image)
             seed = getattr(p, "seed", 0)
             generator = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) and seed >= 0 else 0)
@@ -359,9 +367,12 @@ class OnlyDPS:
 
 
 def output_size(settings: DPSSettings, width: int, height: int) -> tuple[int, int]:
-    """The size to generate for a degraded image of (width, height): the super-resolution factor times
-    larger, rounded down to what both the latent (multiples of 8) and the operator accept."""
-    factor = settings.sr_factor if settings.task == "super_resolution" else 1
+    """The size to generate for a degraded image of (width, height): the operator's image size for it (the
+    super-resolution factor times larger), rounded down to what both the latent (multiples of 8) and the
+    operator accept."""
+    spec, factor = registry.get(settings.task), 1
+    if spec.from_picture == "resize":
+        factor = max(1, round(spec.image_size(height, width, **operator_values(settings))[1] / width))
     step = 8 * factor // math.gcd(8, factor)
     w, h = (width * factor) // step * step, (height * factor) // step * step
     if w < step or h < step:
@@ -381,7 +392,7 @@ def restore(degraded, mask, prompt: str, negative_prompt: str, steps: int, cfg_s
         image = image.convert("RGB") if hasattr(image, "convert") else image
         height, width = measure.image_to_tensor(image).shape[-2:]
         out_w, out_h = output_size(settings, width, height)
-        mask_image = measure.decode_image(mask) if settings.task == "inpainting" else None
+        mask_image = measure.decode_image(mask) if needs_mask(settings.task) else None
         p = host_processing.StableDiffusionProcessingImg2Img(
             sd_model=shared.sd_model, outpath_samples=shared.opts.outdir_samples or shared.opts.outdir_img2img_samples,
             outpath_grids=shared.opts.outdir_grids or shared.opts.outdir_img2img_grids, prompt=prompt,

@@ -456,7 +456,7 @@ def test_bad_settings_and_sockets_name_the_fix():
     with pytest.raises(ValueError, match="DPS operator node"):
         hook.apply_dps(patcher, vae, measurement, "bicubic", noise, Settings())
     with pytest.raises(ValueError, match="kernel image is 4x4"):
-        builders.motion_blur(61, 0.5, 0, torch.ones(1, 4, 4, 3))
+        builders.build_operator(ops.registry.get("motion_blur"), {"kernel": torch.ones(1, 4, 4, 3)})
 
 
 def test_measure_node_values():

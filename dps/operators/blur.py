@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LinearOperator, autograd_safe, check_image
+from .spec import OperatorSpec, Param, Task
 
 
 def gaussian_kernel(kernel_size: int, sigma: float) -> torch.Tensor:
@@ -145,3 +146,80 @@ class MotionBlur(Blur):
             generator = torch.Generator().manual_seed(int(seed))
             kernel = motion_kernel(_check_kernel_size(kernel_size), float(intensity), generator)
         super().__init__(kernel)
+
+
+def kernel_from_image(image: torch.Tensor) -> torch.Tensor:
+    """A blur kernel from a picture of the blur path drawn white on black (NCHW in [-1, 1]): the gray levels of
+    the first image, normalised to sum to 1."""
+    k = (image[0].float().mean(dim=0) + 1) / 2
+    if k.shape[0] % 2 == 0 or k.shape[1] % 2 == 0:
+        raise ValueError(f"the kernel image is {k.shape[1]}x{k.shape[0]}; its sides must be odd (e.g. 31x31) so "
+                         "the blur does not shift the picture. Crop or pad it by one pixel")
+    if float(k.sum()) <= 0:
+        raise ValueError("the kernel image is all black; draw the blur path in white on black")
+    return k / k.sum()
+
+
+def _odd(n: float) -> int:
+    n = int(round(n))
+    return n if n % 2 else n + 1
+
+
+def _gaussian_for_side(side: int, given: dict) -> dict:
+    """The paper's σ = 3 px at 256 px, scaled to the side (at least 1.5 px); the kernel covers ±3σ and stays
+    below twice the side (reflection padding needs it)."""
+    sigma = given.get("sigma") or max(1.5, 3.0 * side / 256)
+    return {"sigma": sigma, "kernel_size": min(_odd(2 * math.ceil(3 * sigma) + 1), _odd(2 * side - 3))}
+
+
+def _motion_for_side(side: int, given: dict) -> dict:
+    """The paper's 61 px kernel at 256 px, scaled to the side (at least 9 px)."""
+    return {"kernel_size": min(_odd(max(9, 61 * side / 256)), _odd(2 * side - 3))}
+
+
+def _motion_blur(kernel_size: int, intensity: float, seed: int, kernel: torch.Tensor | None) -> MotionBlur:
+    if kernel is None:
+        return MotionBlur(kernel_size=kernel_size, intensity=intensity, seed=seed)
+    return MotionBlur(kernel=kernel_from_image(kernel))
+
+
+_KERNEL_HELP = "Blur kernel side in pixels, odd (the paper: 61 at 256 px). Must be smaller than the image."
+SPECS = (
+    OperatorSpec(
+        name="gaussian_blur", display_name="Gaussian Blur", order=30,
+        description="Sharpen an out-of-focus picture: the blur is Gaussian, of a known radius.",
+        measurement="the picture blurred by a Gaussian of standard deviation sigma px, at full size",
+        params=(
+            Param("kernel_size", "int", default=61, min=1, max=255, step=2, label="Blur kernel size (px)",
+                  help=_KERNEL_HELP),
+            Param("sigma", "float", default=3.0, min=0.1, max=100.0, step=0.1, label="Gaussian blur sigma (px)",
+                  help="Blur radius (standard deviation) in pixels (the paper: 3 at 256 px)."),
+        ),
+        factory=GaussianBlur,
+        aliases=("deblur", "blur", "sharpen", "out of focus", "defocus", "soft", "restore"),
+        sized_defaults=_gaussian_for_side,
+        tasks=(Task("gaussian_deblur"),),
+    ),
+    OperatorSpec(
+        name="motion_blur", display_name="Motion Blur", order=40,
+        description="Sharpen a shaken (motion-blurred) picture; the blur path is random (seeded) or drawn by you "
+                    "as a kernel image.",
+        measurement="the picture smeared along the blur path, at full size",
+        params=(
+            Param("kernel_size", "int", default=61, min=3, max=255, step=2, label="Blur kernel size (px)",
+                  help=_KERNEL_HELP + " The random path is about 0.6 x this long."),
+            Param("intensity", "float", default=0.5, min=0.0, max=1.0, step=0.01, label="Motion blur intensity",
+                  help="How curved the random path is, from 0 (a straight line) to 1 (strongly curved); the "
+                       "paper: 0.5."),
+            Param("seed", "int", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, label="Motion kernel seed",
+                  help="Which random path (any whole number)."),
+            Param("kernel", "image", optional=True, label="Kernel image",
+                  help="Optional: a white-on-black image of the blur path with odd sides in pixels; it replaces "
+                       "the random path (size, intensity and seed are then ignored)."),
+        ),
+        factory=_motion_blur,
+        aliases=("deblur", "blur", "sharpen", "camera shake", "shake", "motion", "restore"),
+        sized_defaults=_motion_for_side,
+        tasks=(Task("motion_deblur", draw=lambda shape, seed: {"seed": seed}),),
+    ),
+)

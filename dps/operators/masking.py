@@ -9,9 +9,12 @@ and a random fraction of pixels, the same pixels on every channel.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .base import LinearOperator, autograd_safe, check_image
+from .spec import OperatorSpec, Param, Task
 
 
 def box_mask(height: int, width: int, box: tuple[int, int] | None = None, margin: tuple[int, int] | None = None,
@@ -81,3 +84,27 @@ class Inpainting(LinearOperator):
         check_image(y, "y")
         keep = self._keep(y)
         return torch.where(keep > 1e-6, y / keep.clamp_min(1e-6), torch.zeros_like(y))
+
+
+def _masks(make) -> Callable[[tuple[int, ...], int], dict]:
+    """A task's ``draw``: one mask per image of the batch from ``make(h, w, generator)``, seeded."""
+    def draw(shape: tuple[int, ...], seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return {"mask": torch.cat([make(shape[-2], shape[-1], g) for _ in range(shape[0])])}
+    return draw
+
+
+SPECS = (OperatorSpec(
+    name="inpainting", display_name="Inpainting", order=20,
+    description="Fill in the missing (masked) pixels of a picture with holes, scratches or removed objects.",
+    measurement="the picture with holes (the pixels under the mask are unknown)",
+    params=(Param("mask", "mask", label="Inpainting mask",
+                  help="1 (white) = missing, 0 = measured; Load Image's mask, DPS Box Mask or DPS Random Mask. "
+                       "Same size in pixels as the measurement."),),
+    factory=Inpainting,
+    aliases=("inpaint", "fill", "hole", "remove object", "scratch", "restore", "mask"),
+    from_picture="apply",
+    # The paper's protocols: a box of half the side inside a margin of 1/16; 70 % of the pixels missing.
+    tasks=(Task("box_inpainting", draw=_masks(lambda h, w, g: box_mask(h, w, generator=g))),
+           Task("random_inpainting", draw=_masks(lambda h, w, g: random_mask(h, w, 0.7, generator=g)))),
+),)

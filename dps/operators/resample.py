@@ -15,6 +15,7 @@ import math
 import torch
 
 from .base import LinearOperator, check_image
+from .spec import OperatorSpec, Param
 
 FILTERS = ("bicubic", "bilinear", "area")
 
@@ -108,3 +109,22 @@ class SuperResolution(LinearOperator):
         check_image(y, "y")
         h, w = y.shape[-2] * self.factor, y.shape[-1] * self.factor
         return self._matrix(h, y, pinv=True) @ y @ self._matrix(w, y, pinv=True).mT
+
+
+SPECS = (OperatorSpec(
+    name="super_resolution", display_name="Super-Resolution", order=10,
+    description="Restore detail from a small picture: the output is factor times larger on each side.",
+    measurement="the picture shrunk by an integer factor, 1/factor of the output's width and height",
+    params=(
+        Param("factor", "int", default=4, min=1, max=16, label="Super-resolution factor",
+              help="How many times smaller the measurement is than the output, on each side (a 128 px photo "
+                   "restored to 512 px: 4; the paper: 4). Image sides must be multiples of it."),
+        Param("filter", "choice", default="bicubic", choices=FILTERS, label="Downsampling filter",
+              help="How the measurement was shrunk: bicubic (most photos; the paper's), bilinear, or area (the "
+                   "average of each factor x factor block of pixels)."),
+    ),
+    factory=SuperResolution,
+    aliases=("upscale", "upscaler", "super resolution", "enlarge", "restore", "low resolution", "sr"),
+    measurement_size=lambda h, w, factor, **_: (h // factor, w // factor),
+    image_size=lambda h, w, factor, **_: (h * factor, w * factor),
+),)

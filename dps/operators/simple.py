@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import LinearOperator, Operator, autograd_safe, check_image
+from .spec import OperatorSpec, Param, Task
 
 
 class PhaseRetrieval(Operator):
@@ -104,3 +105,31 @@ class Compose(Operator):
         if not self.linear:
             raise TypeError("this composition contains a non-linear operator and has no pseudo-inverse")
         return LinearOperator.pseudo_inverse(self, y, iterations=iterations, tol=tol)  # type: ignore[arg-type]
+
+
+SPECS = (
+    OperatorSpec(
+        name="phase_retrieval", display_name="Phase Retrieval", order=60, experimental=True,
+        description="Recover a picture from the magnitude of its Fourier transform (a research task; results vary "
+                    "from run to run).",
+        measurement="the amplitudes |F(x)| of the zero-padded picture's spectrum, not a picture",
+        params=(Param("oversample", "float", default=2.0, min=0.0, max=8.0, step=0.5, label="Phase retrieval oversampling",
+                      help="Zero padding before the Fourier transform: oversample/8 of the image side on each side "
+                           "(the paper: 2, a 256 px image padded to 384 px)."),),
+        factory=PhaseRetrieval,
+        aliases=("fourier", "fft", "spectrum", "diffraction", "phase"),
+        from_picture=None,
+        measurement_size=lambda h, w, oversample, **_: tuple(
+            n + 2 * p for n, p in zip((h, w), PhaseRetrieval(oversample).padding(h, w))),
+        image_size=lambda h, w, oversample, **_: PhaseRetrieval(oversample).image_size(h, w),
+    ),
+    OperatorSpec(
+        name="grayscale", display_name="Grayscale", order=50,
+        description="Colourise a black-and-white picture, or keep a sketch's tones while the model adds colour.",
+        measurement="the picture's luma (BT.601), one channel, at full size",
+        params=(), factory=Grayscale,
+        aliases=("colorize", "colourise", "colorization", "black and white", "monochrome", "sketch", "restore"),
+        from_picture="apply",
+        tasks=(Task("colorization", demo=False),),   # not in the demo: its digits are gray already
+    ),
+)
