@@ -37,13 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps import (DPSGuidance, Gaussian, GuidanceDivergedError, alphas_cumprod_from_betas, ddpm_sample,  # noqa: E402
-                 linear_betas)
+from dps import (RULES, DPSGuidance, Gaussian, GuidanceDivergedError, alphas_cumprod_from_betas,  # noqa: E402
+                 ddpm_sample, linear_betas)
 from dps.app import GaussianMixture, MatrixOperator, as_image, random_problem  # noqa: E402
 from bench.machine import environment  # noqa: E402
 
 AC = alphas_cumprod_from_betas(linear_betas())
-RULES = ("dps", "dps_paper", "schedule", "polyak")
 # ζ grids of the sweep ("dps_paper" ζ' is "dps" with ζ = 2ζ'; deepinv's weight plays the role of "schedule"'s ζ).
 ZETAS = {
     "dps": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),

@@ -8,7 +8,7 @@ The package imports torch only; it never imports a host (ComfyUI, the WebUI). Th
 priors, training, restore, command line) lives on top of it in ``dps.app`` and is never imported from here.
 """
 
-from . import noise, operators
+from . import noise, operators, rules
 from .guidance import MODES, RULES, DPSGuidance, GuidanceDivergedError
 from .host import guided_denoised
 from .noise import Gaussian, Noiseless, Poisson
@@ -18,7 +18,7 @@ from .schedule import alphas_cumprod_from_betas, linear_betas, respace, sigma_fr
 
 __version__ = "0.1.0"
 __all__ = [
-    "operators", "noise", "DPSGuidance", "GuidanceDivergedError", "RULES", "MODES", "__version__",
+    "operators", "noise", "rules", "DPSGuidance", "GuidanceDivergedError", "RULES", "MODES", "__version__",
     "Gaussian", "Noiseless", "Poisson", "Operator", "LinearOperator", "SuperResolution",
     "ddpm_sample", "ddim_sample", "euler_sample", "heun_sample", "guided_denoised",
     "linear_betas", "alphas_cumprod_from_betas", "sigma_from_alpha_cumprod", "respace",

@@ -1,26 +1,30 @@
 """Small host-agnostic helpers for adapters that guide a host's σ-space denoiser (ComfyUI, the WebUI).
 
 Nothing here imports a host. The helpers cover what every adapter repeats: image layout conversion,
-leaving the host's inference mode for autograd, locating the current step in the host's σ schedule,
-and turning a ``GuidanceResult`` into the guided denoised prediction exactly as
-``dps.sampling.GuidedDenoiser`` does.
+leaving the host's inference mode for autograd (``dps.autograd_safe``, re-exported), locating the current step
+in the host's σ schedule, and turning a ``GuidanceResult`` into the guided denoised prediction (σ-space samplers,
+as ``dps.sampling.GuidedDenoiser`` does) or the guided ε (timestep samplers: DDIM, PLMS).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
-from torch import nn
 
-from .guidance import DPSGuidance, GuidanceResult, denoised_correction, rms, x0_jacobian
+from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
+from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian, x0_jacobian
+from .rules import DEFAULTS
 
-# The step rule and strength the host nodes start with. Measured by ``bench/host_defaults.py`` (the host path
-# rehearsed with the SD1.x-latent prior, the real TAESD decoder, 20 steps; results in bench/README.md): the
-# "polyak" rule at one ζ beats the simple baselines on super-resolution, inpainting and deblurring with Euler,
-# where no constant-rule ζ did (the best constant ζ differed tenfold between tasks).
-HOST_RULE = "polyak"
-HOST_ZETA = 1.0
+__all__ = ["HOST_RULE", "HOST_ZETA", "image_to_nchw", "nchw_to_image", "match_channels", "make_autograd_safe",
+           "needs_autograd_fix", "normal_tensor", "schedule_step", "guided_correction", "guided_denoised",
+           "eps_correction"]
+
+# The step rule and strength the host nodes start with: the σ-space family's default (``dps.rules.DEFAULTS``).
+# Measured by ``bench/host_defaults.py`` (the host path rehearsed with the SD1.x-latent prior, the real TAESD
+# decoder, 20 steps; results in bench/README.md): the "polyak" rule at one ζ beats the simple baselines on
+# super-resolution, inpainting and deblurring with Euler, where no constant-rule ζ did (the best constant ζ
+# differed tenfold between tasks).
+HOST_RULE = DEFAULTS["sigma"].rule
+HOST_ZETA = DEFAULTS["sigma"].zeta
 
 
 def image_to_nchw(image: torch.Tensor) -> torch.Tensor:
@@ -49,48 +53,6 @@ def match_channels(y: torch.Tensor, channels: int) -> torch.Tensor:
                      "make the measurement with the same operator (DPS Measure)")
 
 
-def make_autograd_safe(modules: Iterable[nn.Module | None]) -> int:
-    """Replace inference-tensor parameters and buffers of ``modules`` by normal copies, in place.
-
-    Hosts load weights under ``torch.inference_mode()``; such tensors cannot be saved for backward,
-    so a gradient through the network fails. Copies are made outside inference mode, once (already
-    normal tensors are skipped), with ``requires_grad=False`` so no weight gradient is kept. Later
-    inference runs use the normal tensors unchanged. Returns the number of tensors replaced.
-    """
-    replaced = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for module in modules:
-            if module is None:
-                continue
-            for sub in module.modules():
-                for name, p in list(sub._parameters.items()):
-                    if p is not None and p.is_inference():
-                        sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
-                        replaced += 1
-                for name, b in list(sub._buffers.items()):
-                    if b is not None and b.is_inference():
-                        sub._buffers[name] = b.clone()
-                        replaced += 1
-    return replaced
-
-
-def needs_autograd_fix(modules: Iterable[nn.Module | None]) -> bool:
-    """Whether any parameter or buffer of ``modules`` is an inference tensor."""
-    for module in modules:
-        if module is None:
-            continue
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_inference():
-                return True
-    return False
-
-
-def normal_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that autograd may save (made outside inference mode), detached."""
-    with torch.inference_mode(False):
-        return t.detach().clone()
-
-
 def schedule_step(sigma: float, sigmas: torch.Tensor | None) -> float | None:
     """The σ decrease from ``sigma`` to the next level of the sampler's schedule, or None when unknown.
 
@@ -106,6 +68,17 @@ def schedule_step(sigma: float, sigmas: torch.Tensor | None) -> float | None:
     return sigma - max(below)
 
 
+def guided_correction(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,
+                      x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """The correction ``c`` of ``D' = x0_hat + c`` for one σ-space evaluation (``guided_denoised``), in
+    ``result.x0_hat``'s dtype. The step it causes in one Euler step, ``(Δσ/σ)·c``, is checked for divergence."""
+    grad = guidance.step_gradient(result, x0_jacobian(sigma, guidance.sigma_data, alpha), limit=rms(x))
+    correction = guidance.step_rule.denoised_correction(grad, sigma, delta_sigma, guidance.zeta, alpha)
+    scale = (delta_sigma / sigma) if delta_sigma else 1.0
+    step = guidance.check_step(correction * scale, x)
+    return (step / scale).to(result.x0_hat.dtype)
+
+
 def guided_denoised(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,
                     x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``D' = x0_hat + correction`` for one σ-space evaluation, as ``dps.sampling.GuidedDenoiser``.
@@ -114,8 +87,14 @@ def guided_denoised(result: GuidanceResult, guidance: DPSGuidance, sigma: float,
     posterior-score form); ``alpha`` the signal scale of ``x = α x0 + σε`` (1 − σ for flow models).
     The step the correction causes is checked for divergence.
     """
-    grad = guidance.step_gradient(result, x0_jacobian(sigma, guidance.sigma_data, alpha), limit=rms(x))
-    correction = denoised_correction(grad, sigma, delta_sigma, guidance.rule, guidance.zeta, alpha)
-    scale = (delta_sigma / sigma) if delta_sigma else 1.0
-    step = guidance.check_step(correction * scale, x)
-    return result.x0_hat + (step / scale).to(result.x0_hat.dtype)
+    return result.x0_hat + guided_correction(result, guidance, sigma, delta_sigma, x, alpha)
+
+
+def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tensor, alpha_cumprod: float,
+                   alpha_cumprod_next: float | None) -> torch.Tensor:
+    """The change δ of ε̂ that applies the DPS step in timestep samplers (DDIM family), ``ε' = ε + δ``
+    (``StepRule.eps_correction``): "dps"/"dps_paper" move one deterministic DDIM step by exactly −ζ∇d when the
+    next ᾱ is known, "polyak" takes its rate form on x/√ᾱ, "schedule" (and the first step) the score form."""
+    grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data), limit=rms(x))
+    step = guidance.check_step(guidance.zeta * grad, x)
+    return guidance.step_rule.eps_correction(step, alpha_cumprod, alpha_cumprod_next)

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from .guidance import (DPSGuidance, GuidanceResult, ddpm_step_size, denoised_correction, vp_x0_jacobian,
-                       rms, x0_jacobian)
-from .progress import progress_bar
+from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
+from .host import guided_denoised
+from .progress import progress_bar, sigma_progress, step_progress
 from .schedule import Respaced, alphas_cumprod_from_betas, linear_betas, respace
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,7 +60,7 @@ def _guided_update(x_prev: torch.Tensor, x_t: torch.Tensor, result: GuidanceResu
     if result is None or guidance is None:
         return x_prev
     grad = guidance.step_gradient(result, vp_x0_jacobian(ac, guidance.sigma_data), limit=rms(x_t))
-    step = guidance.check_step(ddpm_step_size(guidance.rule, guidance.zeta, beta, ac) * grad, x_t)
+    step = guidance.check_step(guidance.step_rule.ddpm_step_size(guidance.zeta, beta, ac) * grad, x_t)
     return x_prev - step
 
 
@@ -93,7 +93,7 @@ def _vp_loop(eps_model: EpsModel, x: torch.Tensor, sched: Respaced, guidance: DP
     for i in progress_bar(range(n - 1, -1, -1), total=n, enabled=show_progress, desc="sampling"):
         t, ac, beta = int(sched.timesteps[i]), float(sched.alphas_cumprod[i]), float(sched.betas[i])
         ac_prev = float(sched.alphas_cumprod[i - 1]) if i > 0 else 1.0
-        progress = (n - 1 - i) / max(n - 1, 1)
+        progress = step_progress(n - 1 - i, n)
         x0, result = _x0_and_guidance(eps_model, x, t, ac, clip, guidance, progress)
         with torch.no_grad():
             if eta is None:
@@ -148,22 +148,12 @@ class GuidedDenoiser:
                 return self.denoiser(x, s_in)
         result = self.guidance.evaluate(x, lambda x_: self.denoiser(x_, s_in))
         self.last_distance = result.distance
-        grad = self.guidance.step_gradient(result, x0_jacobian(sigma, self.guidance.sigma_data), limit=rms(x))
-        correction = denoised_correction(grad, sigma, delta_sigma, self.guidance.rule, self.guidance.zeta)
-        # The x-step this correction causes in one Euler step is (Δσ/σ)·correction.
-        scale = (delta_sigma / sigma) if delta_sigma else 1.0
-        return result.x0_hat + self.guidance.check_step(correction * scale, x) / scale
+        return guided_denoised(result, self.guidance, sigma, delta_sigma, x)
 
 
 def _sigma_progress(sigmas: torch.Tensor) -> Callable[[float], float]:
     top, bottom = float(sigmas[0]), float(sigmas[sigmas > 0].min())
-
-    def progress(sigma: float) -> float:
-        if top == bottom:
-            return 0.0
-        return float((math.log(top) - math.log(max(sigma, 1e-12))) / (math.log(top) - math.log(bottom)))
-
-    return progress
+    return lambda sigma: sigma_progress(sigma, top, bottom)
 
 
 def euler_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance | None = None,

@@ -16,8 +16,6 @@ off for the rest of the job, and the message is kept for the console and the inf
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -25,8 +23,10 @@ from typing import Callable
 
 import torch
 
-from dps.guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
-from dps.host import guided_denoised, schedule_step
+from dps.autograd_safe import autograd_copy
+from dps.guidance import DPSGuidance
+from dps.host import eps_correction, guided_denoised, schedule_step
+from dps.progress import sigma_progress
 from dps.vae_gradient import DecoderGradient
 
 Log = Callable[[str], None]
@@ -108,36 +108,8 @@ class SigmaClock:
             return (self.top - sigma) / self.top if self.top > 0 else 1.0, delta_t
         positive = [s for s in (self.schedule or []) if s > 0]
         bottom = min(positive) if positive else self.sigma_min
-        if bottom is None or bottom <= 0 or self.top <= bottom or sigma <= 0:
-            progress = 0.0 if sigma >= self.top else 1.0
-        else:
-            progress = (math.log(self.top) - math.log(max(sigma, bottom))) / (math.log(self.top) - math.log(bottom))
         delta = schedule_step(sigma, torch.tensor(self.schedule)) if self.schedule else None
-        return min(max(progress, 0.0), 1.0), delta
-
-
-def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tensor, alpha_cumprod: float,
-                   alpha_cumprod_next: float | None) -> torch.Tensor:
-    """The change δ of ε̂ that applies the DPS step in timestep samplers (DDIM family), ``ε' = ε + δ``.
-
-    Rules "dps"/"dps_paper" with the next ᾱ known: DDIM is Euler in σ = √((1−ᾱ)/ᾱ) on x/√ᾱ, and
-    ``δ = ζ∇d / (Δσ √ᾱ_next)`` moves one deterministic DDIM step by exactly −ζ∇d (x-space DPS).
-    Rule "polyak" (rate form, ``D' = D − ζP`` on x/√ᾱ, P its Polyak direction in x): ``δ = ζP/√(1−ᾱ)``.
-    Otherwise (rule "schedule", or the first step) the score form ``δ = ζ √(1−ᾱ) ∇d``
-    (∇log p(y|x_t) ≈ −ζ∇d enters ε as −√(1−ᾱ)·score; Dhariwal & Nichol 2021, eq. 14).
-    """
-    grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data),
-                                  limit=rms(x))
-    step = guidance.check_step(guidance.zeta * grad, x)
-    if guidance.rule == "polyak":
-        return step / math.sqrt(1.0 - alpha_cumprod)
-    if guidance.rule == "schedule" or alpha_cumprod_next is None:
-        return math.sqrt(1.0 - alpha_cumprod) * step
-    sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-    sigma_next = math.sqrt(max(1 - alpha_cumprod_next, 0.0) / alpha_cumprod_next)
-    if sigma <= sigma_next:
-        return math.sqrt(1.0 - alpha_cumprod) * step
-    return step / ((sigma - sigma_next) * math.sqrt(alpha_cumprod_next))
+        return sigma_progress(sigma, self.top, bottom), delta
 
 
 def _detach_attr(obj, name: str) -> None:
@@ -256,16 +228,6 @@ def vae_gradient(get_model: Callable[[], object], mode: str = "auto") -> Decoder
 
 
 _AUTOGRAD_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` autograd can differentiate through: built outside inference mode, so its
-    parameters are ordinary tensors (Forge loads weights under ``torch.inference_mode``; a backward that
-    saves an inference tensor fails). Parameters are frozen: only input gradients are needed."""
-    with torch.inference_mode(False):
-        clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone
 
 
 def forge_gradient(vae_patcher, mode: str = "auto") -> DecoderGradient:

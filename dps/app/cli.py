@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..rules import RULES
+
 
 def smoke(args: argparse.Namespace) -> int:
     """Run DPS on the Gaussian-mixture benchmark (exact posterior known) and print how close it gets."""
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=0.05, help="noise σ of the measurement on [-1, 1]")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--zeta", type=float, default=None, help="step size (default: tuned per task)")
-    p.add_argument("--rule", choices=("dps", "dps_paper", "schedule"), default=None)
+    p.add_argument("--rule", choices=RULES, default=None, help="step rule (default: tuned per task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="prior weights (.safetensors); default: the bundled pixel prior")
     p.add_argument("--vae", help="TAESD decoder: selects the latent prior")

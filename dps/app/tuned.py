@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..rules import get_rule
 from .tasks import TASKS
 
 # (rule, zeta, reference steps) per task and prior. Pixel: tuned on held-out digits 50-57 at 200 steps by
@@ -22,4 +23,4 @@ TUNING_OFFSET = 50
 def guidance_for(kind: str, task: str, steps: int) -> tuple[str, float]:
     """The default (rule, zeta) for ``steps`` sampling steps."""
     rule, zeta, reference = GUIDANCE[kind].get(task, ("dps", 1.0, steps))
-    return rule, (zeta * reference / steps if rule in ("dps", "dps_paper") else zeta)
+    return rule, (zeta * reference / steps if get_rule(rule).scales_with_steps else zeta)

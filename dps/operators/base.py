@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..autograd_safe import autograd_safe  # noqa: F401  (the operators' buffers under a host's inference mode)
+
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product <a, b>, shape (B,)."""
@@ -91,15 +93,3 @@ def conjugate_gradient_pinv(op: LinearOperator, y: torch.Tensor, iterations: int
         p = r + (rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny)).view(view) * p
         rs = rs_new
     return x
-
-
-def autograd_safe(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or a normal copy when ``t`` is an inference tensor used outside inference mode.
-
-    Hosts such as ComfyUI build nodes under ``torch.inference_mode()``; a buffer made there cannot be
-    saved for backward, which guidance needs. Operator parameters are small, so the copy is cheap.
-    """
-    if t.is_inference() and not torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return t.clone()
-    return t
