@@ -53,13 +53,15 @@ def demo(args: argparse.Namespace) -> int:
     steps = args.steps or DEFAULT_STEPS["latent" if args.latent else "pixel"]
     settings = DemoSettings(images=args.images, steps=steps, seed=args.seed, latent=args.latent,
                             vae=args.vae, model=args.model)
-    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    # flushed line by line: a pipe or a CI log shows each task as it finishes
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     result = run(settings, log=log, show_progress=not args.json)
     images = result.pop("_images")
     if args.output:
-        write_png(args.output, grid(images))
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        write_png(args.output, grid(result, images))
         result["grid"] = str(args.output)
-        log(f"wrote {args.output} (rows: tasks; columns: measurement | best baseline | unguided | DPS | truth)")
+        log(f"wrote {args.output} (a column group per task; rows: measurement | best baseline | DPS | truth)")
     if args.json:
         print(json.dumps(result))
     else:
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", action="store_true", help="use the SD1.x latent prior (needs --vae)")
     p.add_argument("--vae", help="TAESD decoder for SD1.x (taesd_decoder.safetensors)")
     p.add_argument("--model", help="prior weights (.safetensors); default: the bundled one")
-    p.add_argument("--output", type=Path, default=Path("dps_demo.png"), help="PNG grid to write")
+    p.add_argument("--output", type=Path, default=Path("out") / "dps_demo.png",
+                   help="labelled PNG grid to write (default out/dps_demo.png; out/ is git-ignored)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=demo)
 

