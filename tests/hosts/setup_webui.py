@@ -213,6 +213,8 @@ def start(args: argparse.Namespace) -> None:
                GRADIO_ANALYTICS_ENABLED="False", DO_NOT_TRACK="1", REQS_FILE=str(root / "requirements_live.txt"),
                PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv))
     flags = CPU_FLAGS + ["--port", str(args.port), "--ckpt", str(root / "models" / "Stable-diffusion" / CHECKPOINT)]
+    if is_forge(root):
+        flags.append("--always-cpu")  # Forge's backend picks its device itself (backend/args.py)
     if args.nowebui:
         flags.append("--nowebui")
     cmd = [str(venv_python(venv)), "launch.py", *flags, *args.extra]
