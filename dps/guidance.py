@@ -51,6 +51,7 @@ from .autograd_safe import autograd_safe
 from .noise import NoiseModel
 from .operators import Operator
 from .rules import DEFAULTS, RULES, StepRule, ddpm_step_size, denoised_correction, get_rule
+from .validate import check_callable, check_number, check_tensor
 from .vae_gradient import DecoderGradient
 
 __all__ = ["DPSGuidance", "GuidanceResult", "GuidanceDivergedError", "RULES", "MODES", "ON_NONFINITE",
@@ -125,6 +126,18 @@ class DPSGuidance:
     decoder_gradient: DecoderGradient | None = None
 
     def __post_init__(self) -> None:
+        check_callable("operator", self.operator, "a forward model A, e.g. dps.operators.SuperResolution(4)")
+        if not callable(getattr(self.noise, "distance", None)):
+            raise TypeError(f"noise must be a dps.noise model such as dps.Gaussian(0.05), got "
+                            f"{type(self.noise).__name__}")
+        check_tensor("y", self.y, floating=True, fix="the measurement, shaped like A(x), e.g. y = A(x)[:1]")
+        check_number("zeta", self.zeta, minimum=0, fix="the step size; 0 turns guidance off")
+        check_number("start", self.start, minimum=0, maximum=1)
+        check_number("end", self.end, minimum=0, maximum=1)
+        check_number("explode_ratio", self.explode_ratio, above=0, finite=False)
+        check_number("sigma_data", self.sigma_data, above=0, fix="0.5 for images in [-1, 1]")
+        if self.decoder is not None:
+            check_callable("decoder", self.decoder, "a function mapping latents to images in [-1, 1], or None")
         get_rule(self.rule)   # ValueError listing the registered rules
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .validate import check_number
+
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device, then moved to ``x``'s."""
@@ -53,9 +55,8 @@ class Gaussian(NoiseModel):
     """``y = A(x) + sigma·ε``, ε ~ N(0, I); ``sigma`` in units of the [-1, 1] range (paper: 0.05)."""
 
     def __init__(self, sigma: float = 0.05) -> None:
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0 (noise std on the [-1, 1] range), got {sigma!r}; the paper uses 0.05")
-        self.sigma = float(sigma)
+        self.sigma = check_number("sigma", sigma, minimum=0,
+                                  fix="the noise std on the [-1, 1] range; the paper uses 0.05")
 
     def sample(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return clean + self.sigma * _randn_like(clean, generator)
@@ -85,9 +86,7 @@ class Poisson(NoiseModel):
     """
 
     def __init__(self, rate: float = 1.0) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be > 0 (255·rate photons at full white), got {rate!r}; try 1.0")
-        self.rate = float(rate)
+        self.rate = check_number("rate", rate, above=0, fix="255·rate photons at full white; try 1.0")
 
     @property
     def counts_at_white(self) -> float:

@@ -23,7 +23,8 @@ import torch
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
-from .schedule import Respaced, alphas_cumprod_from_betas, linear_betas, respace
+from .schedule import Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace
+from .validate import check_callable, check_int, check_number, check_shape, check_tensor
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,6 +71,7 @@ def ddpm_sample(eps_model: EpsModel, shape: tuple[int, ...], steps: int = 1000,
                 clip_x0: bool = True, x_T: torch.Tensor | None = None, show_progress: bool = False,
                 callback: Callback | None = None) -> torch.Tensor:
     """Ancestral DDPM sampling, respaced to ``steps`` (the official DPS loop when ``steps=1000``)."""
+    _check_vp_args(eps_model, shape, steps, guidance, betas, generator, x_T, callback)
     sched = respace(alphas_cumprod_from_betas(linear_betas() if betas is None else betas), steps)
     x = x_T.to(device) if x_T is not None else _noise(torch.Size(shape), torch.empty(0, device=device), generator)
     return _vp_loop(eps_model, x, sched, guidance, generator, clip_x0, show_progress, callback, eta=None)
@@ -81,9 +83,35 @@ def ddim_sample(eps_model: EpsModel, shape: tuple[int, ...], steps: int = 100, e
                 clip_x0: bool = True, x_T: torch.Tensor | None = None, show_progress: bool = False,
                 callback: Callback | None = None) -> torch.Tensor:
     """DDIM sampling (``eta = 0``: deterministic), with DPS applied as in ``ddpm_sample``."""
+    _check_vp_args(eps_model, shape, steps, guidance, betas, generator, x_T, callback)
+    check_number("eta", eta, minimum=0, maximum=1, fix="0 is deterministic DDIM, 1 has DDPM's noise")
     sched = respace(alphas_cumprod_from_betas(linear_betas() if betas is None else betas), steps)
     x = x_T.to(device) if x_T is not None else _noise(torch.Size(shape), torch.empty(0, device=device), generator)
     return _vp_loop(eps_model, x, sched, guidance, generator, clip_x0, show_progress, callback, eta=eta)
+
+
+def _check_guidance(guidance: object, generator: object, callback: object) -> None:
+    if guidance is not None and not isinstance(guidance, DPSGuidance):
+        raise TypeError(f"guidance must be a dps.DPSGuidance or None, got {type(guidance).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                        "e.g. torch.Generator().manual_seed(0)")
+    if callback is not None:
+        check_callable("callback", callback, "a function callback(info: dict) or None")
+
+
+def _check_vp_args(eps_model: object, shape: object, steps: object, guidance: object, betas: object,
+                   generator: object, x_T: object, callback: object) -> None:
+    """Refuse bad arguments of the VP samplers before any model call (TypeError/ValueError naming them)."""
+    check_callable("eps_model", eps_model, "an ε-prediction model eps_model(x, t)")
+    shape = check_shape("shape", shape)
+    total = len(check_betas(betas)) if betas is not None else 1000
+    check_int("steps", steps, minimum=1, maximum=total, fix=f"respaced steps of the {total}-step schedule")
+    if x_T is not None:
+        check_tensor("x_T", x_T, floating=True, finite=True, fix="start from finite noise, e.g. torch.randn(shape)")
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}; pass shape=tuple(x_T.shape)")
+    _check_guidance(guidance, generator, callback)
 
 
 def _vp_loop(eps_model: EpsModel, x: torch.Tensor, sched: Respaced, guidance: DPSGuidance | None,
@@ -160,13 +188,23 @@ def euler_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guid
                  show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE ``dx/dσ = (x − D(x, σ))/σ`` (Karras et al. 2022, alg. 1
     without churn); ``x`` starts at ``sigmas[0]`` noise scale."""
+    _check_sigma_args(denoiser, x, sigmas, guidance, callback)
     return _sigma_loop(denoiser, x, sigmas, guidance, show_progress, callback, heun=False)
 
 
 def heun_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance | None = None,
                 show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, alg. 1 without churn); Euler for the last step to 0."""
+    _check_sigma_args(denoiser, x, sigmas, guidance, callback)
     return _sigma_loop(denoiser, x, sigmas, guidance, show_progress, callback, heun=True)
+
+
+def _check_sigma_args(denoiser: object, x: object, sigmas: object, guidance: object, callback: object) -> None:
+    """Refuse bad arguments of the σ-space samplers before any model call."""
+    check_callable("denoiser", denoiser, "a denoiser D(x, sigma)")
+    check_tensor("x", x, floating=True, finite=True, fix="start from finite noise, e.g. torch.randn(shape) * sigmas[0]")
+    check_sigmas(sigmas)
+    _check_guidance(guidance, None, callback)
 
 
 def _sigma_loop(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance | None,

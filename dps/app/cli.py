@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,12 @@ def smoke(args: argparse.Namespace) -> int:
     """Run DPS on the Gaussian-mixture benchmark (exact posterior known) and print how close it gets."""
     from .. import DPSGuidance, alphas_cumprod_from_betas, ddpm_sample, linear_betas
     from ..noise import Gaussian
+    from ..validate import check_int
     from .gmm import GaussianMixture, MatrixOperator, as_image, random_problem
     from .metrics import sliced_wasserstein
+
+    check_int("--steps", args.steps, minimum=1, maximum=1000)
+    check_int("--seed", args.seed, minimum=0)
 
     g = torch.Generator().manual_seed(args.seed)
     prior = GaussianMixture.mcg_diff(8, g)
@@ -50,7 +55,8 @@ def demo(args: argparse.Namespace) -> int:
     from .imageio import write_png
     from .tuned import DEFAULT_STEPS
 
-    steps = args.steps or DEFAULT_STEPS["latent" if args.latent else "pixel"]
+    check_demo_args(args)
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS["latent" if args.latent else "pixel"]
     settings = DemoSettings(images=args.images, steps=steps, seed=args.seed, latent=args.latent,
                             vae=args.vae, model=args.model)
     # flushed line by line: a pipe or a CI log shows each task as it finishes
@@ -73,6 +79,24 @@ def demo(args: argparse.Namespace) -> int:
             print(f"{task:18s} {r['dps']:6.2f}/{sim['dps']:.3f} {r['baseline_name']:>14s} {r['baseline']:6.2f}/"
                   f"{sim['baseline']:.3f} {r['unguided']:6.2f}/{sim['unguided']:.3f}")
     return 0
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Refuse bad demo options before any work (ValueError naming the option and the fix)."""
+    from ..validate import check_int
+    from .files import check_output
+    from .tuned import MIN_STEPS, TUNING_OFFSET
+
+    check_int("--images", args.images, minimum=1, maximum=TUNING_OFFSET,
+              fix=f"the demo reports held-out digits 0-{TUNING_OFFSET - 1} (the others tuned its settings)")
+    if args.steps is not None:
+        check_int("--steps", args.steps, minimum=MIN_STEPS, maximum=1000,
+                  fix="DPS takes many small guided steps; leave --steps out for the tuned default")
+    check_int("--seed", args.seed, minimum=0)
+    if args.vae is not None and not args.latent:
+        raise ValueError("--vae is used only by the latent prior; add --latent (or leave --vae out)")
+    if args.output:
+        check_output(args.output, "--output", {"--model": args.model, "--vae": args.vae}, create_parent=True)
 
 
 def restore(args: argparse.Namespace) -> int:
@@ -137,19 +161,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .imageio import ImageReadError
-
+    """Run a command; every failure is one line on stderr: exit 2 for bad input (the message names the fix),
+    1 for a run that failed (guidance diverged, out of memory), 130 when interrupted. DPS_TRACEBACK=1 shows
+    the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        from .train import main as train_main
-
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["train"]:
+            from .train import main as train_main
+
+            return train_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
-    except (ValueError, ImageReadError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001  sorted into bad input / failed run below; others re-raised
+        code = _exit_code(exc)
+        if code is None or os.environ.get("DPS_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """2 for bad input, 1 for a failed run, None for a bug (its traceback is shown)."""
+    from ..guidance import GuidanceDivergedError
+
+    if isinstance(exc, GuidanceDivergedError):
+        return 1
+    if isinstance(exc, (ValueError, TypeError, OSError)):
         return 2
+    if isinstance(exc, (RuntimeError, MemoryError)):
+        return 1
+    return None
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory; use fewer images or a smaller input"
+    elif isinstance(exc, RuntimeError) and not type(exc).__module__.startswith("dps"):
+        text = f"the run failed ({type(exc).__name__}: {exc})"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

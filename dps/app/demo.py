@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import DPSGuidance, ddpm_sample
 from ..noise import Gaussian
 from ..operators import Operator
+from ..validate import check_int
 from .baselines import candidates
 from .data import digits_rgb, heldout_digits
 from .grid import Cell, labelled_grid
@@ -50,8 +51,14 @@ class Setup:
 
 
 def load_setup(s: DemoSettings) -> Setup:
+    check_int("images", s.images, minimum=1, fix="the number of held-out digits per task")
+    check_int("offset", s.offset, minimum=0)
+    check_int("steps", s.steps, minimum=1, maximum=1000)
     kind = "latent" if s.latent else "pixel"
     prior = load_prior(s.model, kind)
+    if prior.kind != kind:
+        raise ValueError(f"{s.model} is a {prior.kind} prior; {'add' if prior.kind == 'latent' else 'leave out'} "
+                         "--latent, or pass a matching --model")
     digits = heldout_digits()
     if s.offset + s.images > len(digits):
         raise ValueError(f"only {len(digits)} held-out digits; ask for fewer images")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .models.unet import SmallUNet
 from .weights import load_checked, read_metadata, require_safetensors
 
@@ -44,8 +45,8 @@ def save_prior(model: SmallUNet, kind: str, shape: tuple[int, int, int], path: P
 
     metadata = {**{k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()},
                 "kind": kind, "unet": json.dumps(model.config), "shape": json.dumps(list(shape))}
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata=metadata)
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_prior(path: str | Path | None = None, kind: str = "pixel") -> Prior:

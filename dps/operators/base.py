@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..autograd_safe import autograd_safe  # noqa: F401  (the operators' buffers under a host's inference mode)
+from ..validate import check_tensor
 
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -18,7 +19,8 @@ def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def check_image(x: torch.Tensor, name: str = "x") -> None:
-    """Raise ``ValueError`` unless ``x`` is an NCHW floating batch."""
+    """Raise ``ValueError`` unless ``x`` is an NCHW floating batch (``TypeError`` unless it is a tensor)."""
+    check_tensor(name, x)
     if x.ndim != 4:
         raise ValueError(f"{name} must be an NCHW batch (4 dimensions), got shape {tuple(x.shape)}; "
                          "add a batch dimension with x[None] or convert HWC images with x.permute(2, 0, 1)")

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..validate import check_int, check_number, check_tensor
 from .base import LinearOperator, autograd_safe, check_image
 from .spec import OperatorSpec, Param, Task
 
@@ -70,7 +71,8 @@ class Blur(LinearOperator):
 
     def __init__(self, kernel: torch.Tensor) -> None:
         super().__init__()
-        if not isinstance(kernel, torch.Tensor) or kernel.ndim != 2:
+        check_tensor("kernel", kernel)
+        if kernel.ndim != 2:
             raise ValueError("kernel must be a 2-D tensor (height, width); squeeze channel dimensions first")
         if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
             raise ValueError(f"kernel sides must be odd so the blur does not shift the image, got "
@@ -116,15 +118,18 @@ class Blur(LinearOperator):
 
 
 def _check_kernel_size(kernel_size: int) -> int:
-    if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}; e.g. 61 (the paper's)")
-    return int(kernel_size)
+    kernel_size = check_int("kernel_size", kernel_size, minimum=1, fix="a positive odd side, e.g. 61 (the paper's)")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd so the blur is centred on a pixel, got {kernel_size}; "
+                         f"use {kernel_size - 1} or {kernel_size + 1}")
+    return kernel_size
 
 
 class GaussianBlur(Blur):
     """Gaussian blur; the paper's setting is a 61x61 kernel with ``sigma = 3.0`` px."""
 
     def __init__(self, kernel_size: int = 61, sigma: float = 3.0) -> None:
+        check_number("sigma", sigma, fix="the blur's std in pixels; the paper uses 3.0")
         if not sigma > 0:
             raise ValueError(f"sigma must be positive (in pixels), got {sigma!r}; the paper uses 3.0")
         super().__init__(gaussian_kernel(_check_kernel_size(kernel_size), float(sigma)))
@@ -141,8 +146,8 @@ class MotionBlur(Blur):
     def __init__(self, kernel_size: int = 61, intensity: float = 0.5, seed: int = 0,
                  kernel: torch.Tensor | None = None) -> None:
         if kernel is None:
-            if not 0.0 <= intensity <= 1.0:
-                raise ValueError(f"intensity must lie in [0, 1], got {intensity!r}")
+            check_number("intensity", intensity, minimum=0, maximum=1, fix="the paper uses 0.5")
+            check_int("seed", seed)
             generator = torch.Generator().manual_seed(int(seed))
             kernel = motion_kernel(_check_kernel_size(kernel_size), float(intensity), generator)
         super().__init__(kernel)

@@ -9,10 +9,12 @@ and a random fraction of pixels, the same pixels on every channel.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
+from ..validate import check_tensor
 from .base import LinearOperator, autograd_safe, check_image
 from .spec import OperatorSpec, Param, Task
 
@@ -53,13 +55,18 @@ class Inpainting(LinearOperator):
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3, 4):
+        check_tensor("mask", mask)
+        if mask.ndim not in (2, 3, 4):
             raise ValueError("mask must be a tensor of shape (H, W), (C, H, W) or (B, C, H, W) with 1 = missing")
         mask = mask.float()
         while mask.ndim < 4:
             mask = mask[None]
         if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
             raise ValueError("mask values must lie in [0, 1] (1 = missing, 0 = measured); normalise the mask first")
+        if bool((mask >= 1).flatten(1).all(1).any()):
+            warnings.warn("the inpainting mask marks every pixel missing (all ones) for at least one sample: nothing "
+                          "is measured there and guidance has no effect; 1 = missing, 0 = measured (invert the mask?)",
+                          UserWarning, stacklevel=2)
         self.register_buffer("mask", mask)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..validate import check_choice, check_int
 from .base import LinearOperator, check_image
 from .spec import OperatorSpec, Param
 
@@ -66,11 +67,8 @@ class SuperResolution(LinearOperator):
 
     def __init__(self, factor: int = 4, filter: str = "bicubic") -> None:
         super().__init__()
-        if int(factor) != factor or factor < 1:
-            raise ValueError(f"factor must be a positive integer, got {factor!r}; use 2, 4 or 8")
-        if filter not in FILTERS:
-            raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
-        self.factor = int(factor)
+        self.factor = check_int("factor", factor, minimum=1, fix="a positive integer such as 2, 4 or 8")
+        check_choice("filter", filter, FILTERS)
         self.filter = filter
         self._cache: dict[tuple, torch.Tensor] = {}
 

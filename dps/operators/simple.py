@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..validate import check_number
 from .base import LinearOperator, Operator, autograd_safe, check_image
 from .spec import OperatorSpec, Param, Task
 
@@ -17,11 +18,14 @@ class PhaseRetrieval(Operator):
     Non-linear: no adjoint; autograd differentiates it (the gradient of |z| at z = 0 is 0 in torch).
     """
 
+    MAX_OVERSAMPLE = 8.0
+
     def __init__(self, oversample: float = 2.0) -> None:
         super().__init__()
-        if not oversample >= 0:
-            raise ValueError(f"oversample must be >= 0, got {oversample!r}; the paper uses 2.0")
-        self.oversample = float(oversample)
+        # Refused before anything is allocated: the padded spectrum has (1 + oversample/4)² times the image's
+        # pixels. 4 already doubles each side (the oversampling phase retrieval needs); 8 triples it.
+        self.oversample = check_number("oversample", oversample, minimum=0, maximum=self.MAX_OVERSAMPLE,
+                                       fix="the paper uses 2.0; more than 8 pads the image past three times its side")
 
     def padding(self, h: int, w: int) -> tuple[int, int]:
         return int(self.oversample / 8 * h), int(self.oversample / 8 * w)
