@@ -39,7 +39,7 @@ def labelled_grid(groups: dict[str, list[Cell]], row_labels: list[str], per_grou
     widths = {name: max([tiles_w, font.text_width(name, text_scale)]
                         + [font.text_width(cell.caption, text_scale) for cell in cells]) for name, cells in groups.items()}
     label_w = max(font.text_width(label, text_scale) for label in row_labels)
-    title_h = line + 2 * gap if title else 0
+    title_h = line + 4 * gap if title else 0
     row_h = th + gap + line + 3 * gap
     width = margin + label_w + 3 * gap + sum(widths.values()) + 3 * gap * (len(groups) - 1) + margin
     height = margin + title_h + line + 2 * gap + len(row_labels) * row_h + margin
