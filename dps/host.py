@@ -13,6 +13,7 @@ import torch
 from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian, x0_jacobian
 from .rules import DEFAULTS
+from .validate import check_tensor
 
 __all__ = ["HOST_RULE", "HOST_ZETA", "image_to_nchw", "nchw_to_image", "match_channels", "make_autograd_safe",
            "needs_autograd_fix", "normal_tensor", "schedule_step", "guided_correction", "guided_denoised",
@@ -29,6 +30,7 @@ HOST_ZETA = DEFAULTS["sigma"].zeta
 
 def image_to_nchw(image: torch.Tensor) -> torch.Tensor:
     """A host IMAGE (B, H, W, C) in [0, 1] as an NCHW batch in [-1, 1] (float32, RGB only)."""
+    check_tensor("image", image)
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4:

@@ -9,7 +9,8 @@ reply per line on stdout, ``{"rc": int, "stdout": str, "stderr": str}``. ``mode`
 * ``"forbid"``: sampling and training must not start (each case must fail first); if they do, the child raises
   ``AssertionError("... started")``, which the command line does not catch: a traceback, so the case fails.
 * ``"allow"``: run normally.
-* ``"interrupt"`` / ``"runtime_error"``: sampling raises KeyboardInterrupt / a torch-like RuntimeError at once.
+* ``"interrupt"`` / ``"runtime_error"`` / ``"os_error"``: sampling raises KeyboardInterrupt / a torch-like
+  RuntimeError / an IsADirectoryError at once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _patch(mode: str) -> None:
                 setattr(module, name, _raiser(KeyboardInterrupt()))
             elif mode == "runtime_error" and what == "sampling":
                 setattr(module, name, _raiser(RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")))
+            elif mode == "os_error" and what == "sampling":
+                setattr(module, name, _raiser(IsADirectoryError(21, "Is a directory", "/some/folder")))
 
 
 def _child(request: dict, out_path: str, err_path: str) -> None:

@@ -44,7 +44,8 @@ from dps.app.models.unet import SmallUNet
 from dps.app.restore import RestoreRequest, restore_file
 from dps.app.train import train
 from dps.operators import Blur, GaussianBlur, Inpainting, MotionBlur, PhaseRetrieval, SuperResolution
-from dps.schedule import linear_betas, respace, sigmas_karras, alphas_cumprod_from_betas
+from dps.host import image_to_nchw
+from dps.schedule import alphas_cumprod_from_betas, linear_betas, respace, sigmas_karras
 
 PACKAGE = ROOT / "dps"
 WEIGHTS = PACKAGE / "app" / "weights"
@@ -194,14 +195,15 @@ def cli():
     runner.close()
 
 
-def assert_clear_failure(out: dict, rc: int, needles: tuple[str, ...]) -> None:
+def assert_clear_failure(out: dict, rc: int, needles: tuple[str, ...], logged: bool = False) -> None:
+    """``logged``: the run got past its checks and may have logged progress; the error is then its last line."""
     err = out["stderr"]
     assert "Traceback" not in err, err
     assert out["rc"] == rc, (out["rc"], err)
     lines = [line for line in err.splitlines() if line.strip()]
     if rc == 2 and lines and lines[0].startswith("usage:"):      # argparse: usage, then one error line
         lines = lines[-1:]
-    if rc != 2:        # a run that failed may have logged its progress first; the error is its last line, alone
+    if logged:
         assert sum(line.startswith("error:") for line in lines) == 1, err
         lines = lines[-1:]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
@@ -211,7 +213,7 @@ def assert_clear_failure(out: dict, rc: int, needles: tuple[str, ...]) -> None:
 
 
 def run_case(cli, inputs: Path, tmp_path: Path, args: list[str], rc: int, needles: tuple[str, ...],
-             mode: str = "forbid", cwd: Path | None = None) -> dict:
+             mode: str = "forbid", cwd: Path | None = None, logged: bool = False) -> dict:
     fmt = {"d": inputs, "pkg": PACKAGE, "tmp": tmp_path}
     argv = [a.format(**fmt) for a in args]
     watched = (inputs, WEIGHTS, tmp_path)
@@ -220,7 +222,7 @@ def run_case(cli, inputs: Path, tmp_path: Path, args: list[str], rc: int, needle
     after = _hashes(*watched)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"files changed or appeared: {changed}\n{out['stderr']}"
-    assert_clear_failure(out, rc, tuple(n.format(**fmt) for n in needles))
+    assert_clear_failure(out, rc, tuple(n.format(**fmt) for n in needles), logged)
     return out
 
 
@@ -269,6 +271,9 @@ CLI_CASES = [
      ("--intensity must lie in [0, 1]",)),
     ("restore-sigma-negative", SR + OUT + ["--sigma", "-0.1"], 2, ("--sigma must be >= 0", "0.05")),
     ("restore-sigma-nan", SR + OUT + ["--sigma", "nan"], 2, ("--sigma must be a finite number",)),
+    ("restore-sigma-inf", SR + OUT + ["--sigma", "inf"], 2, ("--sigma must be a finite number",)),
+    ("restore-intensity-nan", RESTORE + ["motion_deblur", "--input", "{d}/img28.png"] + OUT + ["--intensity", "nan"],
+     2, ("--intensity must be a finite number",)),
     ("restore-zeta-negative", SR + OUT + ["--zeta", "-1"], 2, ("--zeta must be >= 0", "leave it out")),
     ("restore-zeta-nan", SR + OUT + ["--zeta", "nan"], 2, ("--zeta must be a finite number",)),
     ("restore-zeta-inf", SR + OUT + ["--zeta", "inf"], 2, ("--zeta must be a finite number",)),
@@ -284,6 +289,7 @@ CLI_CASES = [
     # restore: input files
     ("restore-input-missing", RESTORE + ["gaussian_deblur", "--input", "{d}/missing.png"] + OUT, 2, ("not found",)),
     ("restore-input-folder", RESTORE + ["gaussian_deblur", "--input", "{d}/outdir"] + OUT, 2, ("is a folder",)),
+    ("restore-input-empty", RESTORE + ["gaussian_deblur", "--input", ""] + OUT, 2, ("is a folder",)),
     ("restore-input-junk", RESTORE + ["gaussian_deblur", "--input", "{d}/junk.png"] + OUT, 2, ("cannot read",)),
     ("restore-input-truncated", RESTORE + ["gaussian_deblur", "--input", "{d}/truncated.png"] + OUT, 2,
      ("cannot read",)),
@@ -317,6 +323,7 @@ CLI_CASES = [
     ("demo-steps-1", ["demo", "--steps", "1", "--output", "{tmp}/g.png"], 2, ("--steps must lie in [10, 1000]",)),
     ("demo-seed-negative", ["demo", "--seed", "-2", "--output", "{tmp}/g.png"], 2, ("--seed must be >= 0",)),
     ("demo-output-folder", ["demo", "--output", "{d}/outdir"], 2, ("is a folder",)),
+    ("demo-output-empty", ["demo", "--output", ""], 2, ("is a folder",)),
     ("demo-output-not-png", ["demo", "--output", "{tmp}/grid.jpg"], 2, ("must end in .png",)),
     ("demo-output-under-a-file", ["demo", "--output", "{d}/img28.png/grid.png"], 2, ("is a file, not a folder",)),
     ("demo-output-into-package", ["demo", "--output", "{pkg}/app/weights/grid.png"], 2, ("inside the installed",)),
@@ -342,6 +349,7 @@ CLI_CASES = [
     ("train-lr-nan", ["train", "--lr", "nan"], 2, ("--lr must be a finite number",)),
     ("train-seed-negative", ["train", "--seed", "-1"], 2, ("--seed must be >= 0",)),
     ("train-out-folder", ["train", "--out", "{d}/outdir"], 2, ("is a folder",)),
+    ("train-out-empty", ["train", "--out", ""], 2, ("is a folder",)),
     ("train-out-not-safetensors", ["train", "--out", "{tmp}/prior.pt"], 2, ("must end in .safetensors",)),
     ("train-out-missing-folder", ["train", "--out", "{tmp}/no/prior.safetensors"], 2, ("does not exist", "mkdir")),
     ("train-out-is-encoder", ["train", "--kind", "latent", "--vae-encoder", "{d}/taesd_encoder.safetensors", "--out",
@@ -355,6 +363,7 @@ CLI_CASES = [
     ("smoke-steps-0", ["smoke", "--steps", "0"], 2, ("--steps must lie in [1, 1000]",)),
     ("smoke-steps-negative", ["smoke", "--steps", "-3"], 2, ("--steps must lie in [1, 1000]",)),
     ("smoke-dim-y-3", ["smoke", "--dim-y", "3"], 2, ("--dim-y", "invalid choice")),
+    ("smoke-seed-negative", ["smoke", "--seed", "-1"], 2, ("--seed must be >= 0",)),
     ("no-command", [], 2, ("required",)),
     ("unknown-command", ["sample"], 2, ("invalid choice",)),
 ]
@@ -375,16 +384,17 @@ def test_train_default_cwd_inside_package_is_refused(cli, inputs, tmp_path):
 @pytest.mark.parametrize("mode,rc,needles", [
     ("runtime_error", 1, ("the run failed", "out of memory")),
     ("interrupt", 130, ("interrupted",)),
+    ("os_error", 2, ("/some/folder: Is a directory",)),
 ])
 def test_cli_failed_run_is_one_line_and_writes_nothing(cli, inputs, tmp_path, mode, rc, needles):
-    run_case(cli, inputs, tmp_path, SR + OUT + ["--steps", "10"], rc, needles, mode=mode)
+    run_case(cli, inputs, tmp_path, SR + OUT + ["--steps", "10"], rc, needles, mode=mode, logged=True)
     assert not (tmp_path / "out.png").exists()
 
 
 def test_cli_diverged_guidance_is_one_line_and_writes_nothing(cli, inputs, tmp_path):
     """GuidanceDivergedError (a real one: ζ = 1e12 explodes on the first guided step) is a failed run."""
     run_case(cli, inputs, tmp_path, SR + OUT + ["--steps", "10", "--zeta", "1e12"], 1, ("diverged", "Lower zeta"),
-             mode="allow")
+             mode="allow", logged=True)
     assert not (tmp_path / "out.png").exists()
 
 
@@ -458,6 +468,7 @@ LIBRARY_CASES = [
     # samplers
     ("ddpm-steps-0", lambda: ddpm_sample(eps, (1, 1, 8, 8), steps=0), ValueError, r"steps must lie in \[1, 1000\]"),
     ("ddpm-steps-str", lambda: ddpm_sample(eps, (1, 1, 8, 8), steps="10"), TypeError, r"steps must be an integer, got str"),
+    ("ddpm-steps-bool", lambda: ddpm_sample(eps, (1, 1, 8, 8), steps=True), TypeError, r"steps must be an integer, got bool"),
     ("ddpm-steps-fraction", lambda: ddpm_sample(eps, (1, 1, 8, 8), steps=2.5), ValueError, r"steps must be an integer"),
     ("ddpm-shape-none", lambda: ddpm_sample(eps, None, steps=2), TypeError, r"shape must be a tuple of positive integers"),
     ("ddpm-shape-zero", lambda: ddpm_sample(eps, (1, 1, 0, 8), steps=2), ValueError, r"shape\[2\] must be >= 1"),
@@ -489,6 +500,8 @@ LIBRARY_CASES = [
      r"sigmas contains NaN"),
     ("euler-sigmas-negative", lambda: euler_sample(denoiser, X, torch.tensor([2.0, 1.0, -1.0])), ValueError,
      r"sigmas must decrease"),
+    ("euler-sigmas-repeated", lambda: euler_sample(denoiser, X, torch.tensor([2.0, 2.0, 0.0])), ValueError,
+     r"sigmas must decrease strictly"),
     ("euler-sigmas-one", lambda: euler_sample(denoiser, X, torch.tensor([2.0])), ValueError, r"at least two"),
     ("euler-sigmas-numpy", lambda: euler_sample(denoiser, X, SIGMAS.numpy()), TypeError, r"sigmas must be a torch.Tensor"),
     ("euler-x-nan", lambda: euler_sample(denoiser, torch.full((1, 1, 8, 8), NAN), SIGMAS), ValueError, r"x contains NaN"),
@@ -526,6 +539,8 @@ LIBRARY_CASES = [
     ("gaussian-nan", lambda: Gaussian(NAN), ValueError, r"sigma must be a finite number"),
     ("gaussian-str", lambda: Gaussian("0.05"), TypeError, r"sigma must be a number, got str"),
     ("gaussian-none", lambda: Gaussian(None), TypeError, r"sigma must be a number, got None"),
+    ("gaussian-inf", lambda: Gaussian(math.inf), ValueError, r"sigma must be a finite number"),
+    ("gaussian-tensor-batch", lambda: Gaussian(torch.tensor([0.1, 0.2])), TypeError, r"sigma must be a number"),
     ("poisson-0", lambda: Poisson(0.0), ValueError, r"rate must be > 0"),
     ("poisson-inf", lambda: Poisson(math.inf), ValueError, r"rate must be a finite number"),
     # operators
@@ -554,6 +569,7 @@ LIBRARY_CASES = [
      r"NaN or infinite values.*nothing was written"),
     ("write-png-numpy", lambda: write_png("x.png", np.zeros((1, 4, 4))), TypeError, r"image must be a torch.Tensor"),
     ("write-png-hwc", lambda: write_png("x.png", torch.zeros(4, 4)), ValueError, r"image must have 3 dimensions"),
+    ("host-image-numpy", lambda: image_to_nchw(np.zeros((1, 8, 8, 3))), TypeError, r"image must be a torch.Tensor"),
     ("read-image-folder", lambda: read_image(ROOT / "dps"), ImageReadError, r"is a folder, not an image file"),
     # training, demo and restore requests
     ("train-steps-0", lambda: train(torch.zeros(4, 1, 8, 8), SmallUNet(1, 8, (1,)), steps=0), ValueError,
