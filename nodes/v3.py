@@ -44,8 +44,10 @@ def _input(p: Param) -> io.Input:
         return io.Float.Input(p.name, default=p.default, min=p.min, max=p.max, step=p.step, tooltip=p.help)
     if p.kind == "choice":
         return io.Combo.Input(p.name, options=list(p.choices), default=p.default, tooltip=p.help)
-    socket = io.Mask if p.kind == "mask" else io.Image
-    return socket.Input(p.name, optional=p.optional, tooltip=p.help)
+    if p.kind == "mask":
+        return io.Mask.Input(p.name, optional=p.optional, tooltip=f"{p.help} From Load Image's mask, DPS Box Mask or "
+                                                                 "DPS Random Mask.")
+    return io.Image.Input(p.name, optional=p.optional, tooltip=p.help)
 
 
 def _schema(**fields) -> io.Schema:

@@ -103,11 +103,14 @@ def restore(args: argparse.Namespace) -> int:
     """Restore a measurement read from an image file with DPS and the embedded prior."""
     from .restore import RestoreRequest, restore_file
 
+    from .tasks import operator_params
+
     out = restore_file(RestoreRequest(task=args.task, input=args.input, output=args.output, mask=args.mask,
                                       factor=args.factor, steps=args.steps, zeta=args.zeta, rule=args.rule,
                                       seed=args.seed, sigma=args.sigma, model=args.model, vae=args.vae,
                                       kernel_size=args.kernel_size, blur_sigma=args.blur_sigma,
-                                      intensity=args.intensity, kernel_seed=args.kernel_seed),
+                                      intensity=args.intensity, kernel_seed=args.kernel_seed,
+                                      params=operator_params(args, args.task)),
                        log=lambda m: print(m, file=sys.stderr))
     print(out)
     return 0
@@ -135,17 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=demo)
 
-    from .tasks import TASKS
+    from .tasks import add_operator_options, task_names
     p = sub.add_parser("restore", help="restore your own measurement (an image file)")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=task_names(), help="the restoration (the operator A)")
     p.add_argument("--input", required=True, type=Path, help="the measurement y as an image")
     p.add_argument("--output", required=True, type=Path, help="where to write the restoration (PNG)")
-    p.add_argument("--mask", type=Path, help="inpainting mask image: white (1) = missing")
-    p.add_argument("--factor", type=int, default=4, help="super-resolution factor")
-    p.add_argument("--kernel-size", type=int, default=None, help="blur kernel side (odd)")
-    p.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur σ in pixels")
-    p.add_argument("--intensity", type=float, default=0.5, help="motion blur intensity in [0, 1]")
-    p.add_argument("--kernel-seed", type=int, default=0, help="seed of the motion-blur kernel")
     p.add_argument("--sigma", type=float, default=0.05, help="noise σ of the measurement on [-1, 1]")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--zeta", type=float, default=None, help="step size (default: tuned per task)")
@@ -153,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="prior weights (.safetensors); default: the bundled pixel prior")
     p.add_argument("--vae", help="TAESD decoder: selects the latent prior")
+    add_operator_options(p)  # --factor, --mask, --kernel-size, ...: one per operator parameter in the registry
     p.set_defaults(func=restore)
 
     # ``train`` owns its options (dps.app.train); main() hands it the rest of the command line.

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import DPSGuidance, ddpm_sample
 from ..noise import Gaussian
-from ..operators import GaussianBlur, Inpainting, MotionBlur, Operator, PhaseRetrieval, SuperResolution
+from ..operators import Operator, registry
 from ..guidance import RULES
 from ..validate import check_choice, check_int, check_number
 from .files import check_output
 from .imageio import MAX_PIXELS, read_image, write_png
 from .models.taesd import load_taesd
 from .prior import Prior, load_prior
-from .tasks import TASKS
+from .tasks import image_size, measurement_size, operator_for, task_names
 from .tuned import MIN_STEPS, guidance_for
 
-INPAINTING = ("box_inpainting", "random_inpainting")
+INPAINTING = tuple(t.name for s, t in registry.tasks() if any(p.kind == "mask" for p in s.params))
 
 
 @dataclass
@@ -42,6 +42,14 @@ class RestoreRequest:
     blur_sigma: float | None = None
     intensity: float = 0.5
     kernel_seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # any operator parameter by its name; overrides the above
+
+
+# RestoreRequest's fields for operator parameters (the command line's options before the operator registry).
+REQUEST_FIELDS = {("super_resolution", "factor"): "factor", ("gaussian_blur", "kernel_size"): "kernel_size",
+                  ("motion_blur", "kernel_size"): "kernel_size", ("gaussian_blur", "sigma"): "blur_sigma",
+                  ("motion_blur", "intensity"): "intensity", ("motion_blur", "seed"): "kernel_seed",
+                  ("inpainting", "mask"): "mask"}
 
 
 def check_request(req: RestoreRequest) -> None:
@@ -50,7 +58,7 @@ def check_request(req: RestoreRequest) -> None:
     ``steps``: with fewer than ``MIN_STEPS`` respaced DDPM steps the prior's own sample is noise (at 1 step it
     is a single Tweedie estimate from pure noise) and the tuned ζ, rescaled by 200/steps, is far past its
     range, so such a run could only write garbage."""
-    check_choice("--task", req.task, TASKS)
+    check_choice("--task", req.task, task_names())
     check_output(req.output, "--output", {"--input": req.input, "--mask": req.mask, "--model": req.model,
                                           "--vae": req.vae})
     check_int("--steps", req.steps, minimum=MIN_STEPS, maximum=1000,
@@ -102,9 +110,10 @@ def read_measurement(path: Path, task: str) -> torch.Tensor:
     (needed for phase retrieval, whose amplitudes are not image values)."""
     if Path(path).suffix == ".safetensors":
         return _read_tensor_measurement(Path(path))
-    if task == "phase_retrieval":
-        raise ValueError("phase-retrieval amplitudes are not image values: pass --input y.safetensors holding the "
-                         "amplitude tensor 'y' of shape (C, H, W)")
+    spec, _ = registry.find_task(task)
+    if spec.from_picture is None:
+        raise ValueError(f"a {spec.display_name.lower()} measurement is {spec.measurement}: pass --input "
+                         "y.safetensors holding the tensor 'y' of shape (C, H, W)")
     return read_image(path)[None]
 
 
@@ -137,37 +146,41 @@ def _read_tensor_measurement(path: Path) -> torch.Tensor:
     return y if y.ndim == 4 else y[None]
 
 
-def _image_size(task: str, y: torch.Tensor, factor: int) -> tuple[int, int]:
-    h, w = y.shape[-2:]
-    if task == "super_resolution":
-        return h * factor, w * factor
-    if task == "phase_retrieval":
-        return PhaseRetrieval(2.0).image_size(h, w)
-    return h, w
+def operator_params(req: RestoreRequest, tensors: bool = True) -> dict[str, Any]:
+    """The task's operator parameters set in ``req``, by the operator's names (paths for masks and images);
+    ``tensors=False``: the numbers and choices only."""
+    spec, _ = registry.find_task(req.task)
+    values = {p.name: getattr(req, REQUEST_FIELDS[spec.name, p.name]) for p in spec.params
+              if (spec.name, p.name) in REQUEST_FIELDS}
+    values = {k: v for k, v in {**values, **req.params}.items() if v is not None}
+    return {k: v for k, v in values.items() if tensors or not spec.param(k).is_tensor}
+
+
+def _read_mask(path: Path, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask file as (1, 1, H, W), 1 (white) = missing; it must have the input's size and keep some pixels."""
+    mask = read_image(path).mean(0, keepdim=True)[None].add(1).div(2)
+    if tuple(mask.shape[-2:]) != tuple(image_shape[-2:]):
+        raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the input is "
+                         f"{image_shape[-1]}x{image_shape[-2]}; resize the mask to the input's size")
+    missing = (mask > 0.5).float()
+    if bool(missing.all()):
+        raise ValueError(f"the mask {path} marks every pixel missing (all white), so nothing is measured; "
+                         "white = missing, black = kept: invert the mask if it is the other way round")
+    return missing
 
 
 def _operator(req: RestoreRequest, image_shape: tuple[int, int, int, int]) -> Operator:
-    side = min(image_shape[-2:])
-    if req.task == "super_resolution":
-        return SuperResolution(req.factor)
-    if req.task in ("box_inpainting", "random_inpainting"):
-        mask = read_image(req.mask).mean(0, keepdim=True)[None].add(1).div(2)
-        if tuple(mask.shape[-2:]) != tuple(image_shape[-2:]):
-            raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the input is "
-                             f"{image_shape[-1]}x{image_shape[-2]}; resize the mask to the input's size")
-        missing = (mask > 0.5).float()
-        if bool(missing.all()):
-            raise ValueError(f"the mask {req.mask} marks every pixel missing (all white), so nothing is measured; "
-                             "white = missing, black = kept: invert the mask if it is the other way round")
-        return Inpainting(missing)
-    if req.task == "gaussian_deblur":
-        sigma = req.blur_sigma if req.blur_sigma is not None else max(1.5, 3.0 * side / 256)
-        size = req.kernel_size if req.kernel_size is not None else min(2 * math.ceil(3 * sigma) + 1, 2 * side - 3)
-        return GaussianBlur(size if size % 2 else size + 1, sigma)
-    if req.task == "motion_deblur":
-        size = req.kernel_size if req.kernel_size is not None else max(9, round(61 * side / 256))
-        return MotionBlur(size if size % 2 else size + 1, req.intensity, seed=req.kernel_seed)
-    return PhaseRetrieval(2.0)
+    """The task's operator from the registry: the request's parameters, files read, the rest scaled to the image."""
+    spec, _ = registry.find_task(req.task)
+    values = operator_params(req)
+    for p in (p for p in spec.params if p.is_tensor):
+        if values.get(p.name) is None and not p.optional:
+            option = p.name.replace("_", "-")
+            raise ValueError(f"--task {req.task} needs --{option} {option.upper()}.png ({p.help})")
+        if values.get(p.name) is not None:
+            path = Path(values[p.name])
+            values[p.name] = _read_mask(path, image_shape) if p.kind == "mask" else read_image(path)[None]
+    return operator_for(req.task, image_shape, values)
 
 
 def restore_file(req: RestoreRequest, log: Callable[[str], None] = print) -> Path:
@@ -183,10 +196,9 @@ def restore_file(req: RestoreRequest, log: Callable[[str], None] = print) -> Pat
     channels = 3 if latent else prior.shape[0]
     y = read_measurement(req.input, req.task)
     y = y.mean(1, keepdim=True).expand(-1, channels, -1, -1) if y.shape[1] != channels else y
-    h, w = _image_size(req.task, y, req.factor)
+    h, w = image_size(req.task, tuple(y.shape[-2:]), operator_params(req, tensors=False))
     if (h, w) != (side, side):
-        need = {"super_resolution": f"{side // req.factor}x{side // req.factor}",
-                "phase_retrieval": f"{side + 2 * int(side / 4)}x{side + 2 * int(side / 4)}"}.get(req.task, f"{side}x{side}")
+        need = "x".join(map(str, measurement_size(req.task, (side, side), operator_params(req, tensors=False))))
         raise ValueError(f"the {'latent' if latent else 'pixel'} prior restores {side}x{side} images, so a "
                          f"{req.task} input must be {need}; got {y.shape[-1]}x{y.shape[-2]}. Resize the input")
     shape = (1, channels, h, w)

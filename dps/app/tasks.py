@@ -10,6 +10,7 @@ intensity 0.5; phase retrieval with oversampling 2; and colourisation, outside t
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..operators import Operator, registry
@@ -69,28 +70,31 @@ def _options(taken: set[str]) -> dict[str, list[tuple[OperatorSpec, Param]]]:
     return options
 
 
-def _default_text(owners: list[tuple[OperatorSpec, Param]]) -> str:
-    spec, param = owners[0]
-    if param.is_tensor:
-        return "an image file" + (", optional" if param.optional else "")
-    if any(s.sized_defaults is not None and p.name in s.sized_defaults(256, {}) for s, p in owners):
-        return "scaled to the image"
-    return f"default: {param.default}"
+def _default(owners: list[tuple[OperatorSpec, Param]]) -> Any:
+    """The option's default: the parameter's, unless it is scaled to the image or the operators differ (None:
+    each operator fills in its own)."""
+    defaults = {repr(p.default) for _, p in owners}
+    scaled = any(s.sized_defaults is not None and p.name in s.sized_defaults(256, {}) for s, p in owners)
+    return owners[0][1].default if len(defaults) == 1 and not scaled else None
 
 
 def add_operator_options(parser: argparse.ArgumentParser) -> None:
     """One option per operator parameter (``--factor``, ``--mask FILE``, ...), help and defaults from the
-    registry; ``operator_params`` reads them back."""
+    registry, added after the parser's own options; ``operator_params`` reads them back."""
     taken = {s.lstrip("-") for action in parser._actions for s in action.option_strings}
     dests = {}
     for name, owners in _options(taken).items():
-        param = owners[0][1]
+        param, default = owners[0][1], _default(owners)
         kind = {"int": {"type": int}, "float": {"type": float}, "choice": {"choices": param.choices}}.get(
-            param.kind, {"metavar": "FILE"})
+            param.kind, {"type": Path, "metavar": "FILE"})
+        if param.is_tensor:
+            note = "an image file" + (", optional" if param.optional else "")
+        else:
+            note = "default: scaled to the image" if default is None else f"default: {default}"
         where = ", ".join(dict.fromkeys(t.name for spec, _ in owners for t in spec.tasks))
-        dest = "param_" + name.replace("-", "_")
-        parser.add_argument(f"--{name}", dest=dest, default=None,
-                            help=f"{param.help} ({_default_text(owners)}) [{where}]", **kind)
+        dest = name.replace("-", "_")
+        text = f"{param.help} ({note}) [{where}]".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", dest=dest, default=default, help=text, **kind)
         dests[dest] = [(spec.name, p.name) for spec, p in owners]
     parser.set_defaults(**{OPTIONS_KEY: dests})
 

@@ -106,8 +106,7 @@ SPECS = (OperatorSpec(
     description="Fill in the missing (masked) pixels of a picture with holes, scratches or removed objects.",
     measurement="the picture with holes (the pixels under the mask are unknown)",
     params=(Param("mask", "mask", label="Inpainting mask",
-                  help="1 (white) = missing, 0 = measured; Load Image's mask, DPS Box Mask or DPS Random Mask. "
-                       "Same size in pixels as the measurement."),),
+                  help="1 (white) = missing, 0 (black) = measured; the same size in pixels as the measurement."),),
     factory=Inpainting,
     aliases=("inpaint", "fill", "hole", "remove object", "scratch", "restore", "mask"),
     from_picture="apply",
