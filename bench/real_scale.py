@@ -209,7 +209,7 @@ def check_one(config: dict) -> dict:
     import torch
     from dps.vae_gradient import checkpointed_view, plain_vjp, tiled_vjp, trunk_path, trunk_tiled_vjp
     torch.set_num_threads(config.get("threads", 2))
-    gradient, z, _ = _setup({**config, "mode": "full"})
+    gradient, z, _ = _setup({**config, "mode": "taesd" if config.get("decoder") == "taesd" else "full"})
     image = gradient.image(z)
     out = {**config, "cosine": {}}
     for task in ("sr", "blur", "inpaint"):
@@ -219,8 +219,9 @@ def check_one(config: dict) -> dict:
         ckpt = plain_vjp(lambda latent: gradient.call(view, latent), z, v)
         overlap = config.get("overlap", 8)
         path = trunk_path(gradient.module)
-        tiled = trunk_tiled_vjp(gradient.module, gradient.call, path, z, v, config["tile"], overlap)
         plain_tiles = tiled_vjp(gradient.decode, z, v, config["tile"], overlap)
+        tiled = (plain_tiles if path is None else
+                 trunk_tiled_vjp(gradient.module, gradient.call, path, z, v, config["tile"], overlap))
         cos = torch.nn.functional.cosine_similarity
         out["cosine"][task] = {"checkpointed": float(cos(ckpt.flatten(), full.flatten(), dim=0)),
                                "checkpointed_max_abs_diff": float((ckpt - full).abs().max()),
@@ -258,11 +259,12 @@ def table(results: list[dict]) -> str:
         rows.append(f"| {r['family']} | {r['size']} | {r['mode']} | {plan} | {r['seconds']:.1f} | {r['peak_gib']:.2f} | {ratio} |")
     checks = [r for r in results if "cosine" in r]
     if checks:
-        rows += ["", "| family | image | tile px | task | cosine checkpointed | max abs diff | cosine tiled | "
-                     "cosine tiled, trunk tiled too |", "|---|---|---|---|---|---|---|---|"]
+        rows += ["", "| decoder | family | image | tile px | overlap px | task | cosine checkpointed | max abs diff | cosine tiled | "
+                     "cosine tiled, trunk tiled too |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in checks:
             for task, c in r["cosine"].items():
-                rows.append(f"| {r['family']} | {r['size']} | {r['tile'] * 8} | {task} | {c['checkpointed']:.6f} | "
+                rows.append(f"| {r.get('decoder', 'kl')} | {r['family']} | {r['size']} | {r['tile'] * 8} | "
+                            f"{r.get('overlap', 8) * 8} | {task} | {c['checkpointed']:.6f} | "
                             f"{c['checkpointed_max_abs_diff']:.2e} | {c['tiled']:.4f} | {c['tiled_whole_decoder']:.4f} |")
     return "\n".join(rows)
 
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels for mode tiled and --check")
     parser.add_argument("--check", action="store_true", help="gradient agreement instead of time and memory")
+    parser.add_argument("--decoder", default="kl", choices=("kl", "taesd"), help="decoder for --check")
+    parser.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (mode tiled, --check)")
     parser.add_argument("--max-gib", type=float, default=12.0, help="skip a run whose full mode would need more")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
@@ -292,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for family in args.families.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            configs = ([{"check": True, "tile": args.tile // 8}] if args.check else
+            configs = ([{"check": True, "tile": args.tile // 8, "overlap": args.overlap // 8, "decoder": args.decoder}]
+                       if args.check else
                        [{"mode": m, "tile": args.tile // 8 if m == "tiled" else 0} for m in args.modes.split(",")])
             for extra in configs:
                 config = {"family": family, "size": size, "threads": args.threads, **extra}
                 full_gib = 24.0 * (size / 1024) ** 2          # the KL decoder's full backward, measured scale
-                if (config.get("mode") in ("full", "bf16") or config.get("check")) and full_gib > args.max_gib:
+                heavy = config.get("mode") in ("full", "bf16") or config.get("decoder") == "kl"
+                if heavy and full_gib > args.max_gib:
                     results.append({**config, "error": f"skipped: full backward ~{full_gib:.0f} GiB > --max-gib"})
                     continue
                 print(f"running {config}", file=sys.stderr, flush=True)

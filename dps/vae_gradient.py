@@ -43,7 +43,8 @@ from torch.utils.checkpoint import checkpoint
 VAE_GRADIENTS = ("auto", "full", "checkpointed", "tiled")
 MIN_TILE = 8                # latent pixels (64 image pixels for an 8x VAE)
 DEFAULT_OVERLAP = 8         # latent pixels of context around a tile
-HEADROOM = 2.0              # peak memory ≈ HEADROOM x the bytes autograd saves (transients of forward and backward)
+HEADROOM = 1.25             # peak ≈ HEADROOM x the bytes autograd saves; calibrated by bench/real_scale.py
+CHECKPOINT_RATIO = 0.65     # peak of "checkpointed" / peak of "full" on ComfyUI's KL decoder (bench/README.md)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -218,24 +219,38 @@ def plain_vjp(decode: Decode, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def probe_bytes(decode: Decode, z: torch.Tensor, side: int = 8) -> float:
-    """Bytes autograd saves per latent pixel (per sample) for a backward pass through ``decode``, counted on a
-    ``side`` x ``side`` crop of ``z`` (each storage once). Used to scale the estimate to any size."""
+def _saved_bytes(decode: Decode, crop: torch.Tensor, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for a backward pass of ``decode(crop)``, without those in
+    ``exclude`` (the weights, which do not grow with the image)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in exclude:
+                seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
         return t
 
-    crop = z[:1, :, :side, :side].detach()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        leaf = crop.requires_grad_(True)
-        decode(leaf)
-    return sum(seen.values()) / (crop.shape[-2] * crop.shape[-1])
+        decode(crop.detach().requires_grad_(True))
+    return sum(seen.values())
+
+
+def probe_bytes(decode: Decode, z: torch.Tensor, side: int = 8, module: nn.Module | None = None) -> float:
+    """Bytes autograd saves per latent pixel (one sample) for a backward pass through ``decode``: the slope
+    between ``side`` x ``side`` and ``2·side`` x ``2·side`` crops of ``z`` (each storage counted once, the
+    parameters and buffers of ``module`` left out), so constant parts drop out of the per-pixel cost."""
+    exclude = set()
+    if module is not None:
+        exclude = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    small, large = min(side, z.shape[-2], z.shape[-1]), min(2 * side, z.shape[-2], z.shape[-1])
+    b_small = _saved_bytes(decode, z[:1, :, :small, :small], exclude)
+    if large == small:
+        return b_small / small**2
+    b_large = _saved_bytes(decode, z[:1, :, :large, :large], exclude)
+    return max(b_large - b_small, 0) / (large**2 - small**2) or b_small / small**2
 
 
 def free_memory(device: torch.device) -> int:
@@ -272,12 +287,12 @@ class Plan:
 
 
 def plan(requested: str, latent_hw: tuple[int, int], batch: int, bytes_per_pixel: float, budget: float,
-         tile: int = 0, overlap: int = DEFAULT_OVERLAP, checkpoint_ratio: float = 0.25) -> Plan:
+         tile: int = 0, overlap: int = DEFAULT_OVERLAP, checkpoint_ratio: float = CHECKPOINT_RATIO) -> Plan:
     """Resolve ``requested`` (one of ``VAE_GRADIENTS``) for a latent of ``latent_hw`` and ``batch`` samples.
 
     ``bytes_per_pixel`` comes from ``probe_bytes``; ``budget`` is the memory the gradient may use (bytes).
-    "auto" takes the first of full, checkpointed (estimated at ``checkpoint_ratio`` of full: only block
-    inputs are kept) and tiled that fits. ``tile`` = 0 picks the largest tile that fits (at least
+    "auto" takes the first of full, checkpointed (estimated at ``checkpoint_ratio`` of full: block inputs and
+    one block's inside are kept) and tiled that fits. ``tile`` = 0 picks the largest tile that fits (at least
     ``MIN_TILE``). Raises ``ValueError`` naming the fix for a tile larger than the latent or a budget
     below what the smallest tile needs.
     """
@@ -354,7 +369,7 @@ class DecoderGradient:
         if key not in self.plans:
             measured = self.mode == "auto" or (self.mode == "tiled" and not self.tile)
             if measured and self._bytes_per_pixel is None:
-                self._bytes_per_pixel = probe_bytes(self.decode, z)
+                self._bytes_per_pixel = probe_bytes(self.decode, z, module=self.module)
             if measured:
                 per_pixel = self._bytes_per_pixel
                 budget = self.budget if self.budget is not None else free_memory(z.device) / 2
