@@ -238,7 +238,12 @@ class Driver:
         pasted = self.webui.request("/sdapi/v1/png-info", {"image": self.pngs["img2img_dps_custom"]})
         self.results["png_info_parameters_DPS"] = pasted["parameters"].get("DPS")
         expect(pasted["parameters"].get("DPS") == original["dps"], f"PNG info lost the DPS entry: {pasted}")
-        payload = {"init_images": [self.init_b64], "infotext": pasted["info"], "save_images": False}
+        # AUTOMATIC1111 1.10's img2img paste fields for prompt, size, CFG and denoising carry no API names (its
+        # txt2img ones do), so the API restores only steps, seed, sampler and the scripts' fields from the
+        # infotext: send the others as a client would. The DPS settings must come from the infotext alone.
+        keep = {k: v for k, v in self.img2img_payload().items() if k in ("prompt", "negative_prompt", "width",
+                                                                          "height", "cfg_scale", "denoising_strength")}
+        payload = dict(keep, init_images=[self.init_b64], infotext=pasted["info"], save_images=False)
         self.generate("img2img_from_infotext", "img2img", payload, True)
         again = self.results["img2img_from_infotext"]
         expect(again["dps"] == original["dps"], f"pasting did not restore the settings: {again['dps']!r} vs "
