@@ -1,10 +1,12 @@
 """Which strength should the host nodes default to? A host-free rehearsal of the ComfyUI/WebUI path.
 
 The SD1.x-latent prior is turned into a k-diffusion denoiser D(x, σ) (x = x0 + σε, as the hosts sample), the
-schedule is the host's "normal" one (steps evenly spaced in the training timesteps), the sampler is Euler,
-and guidance is applied by ``dps.host.guided_denoised``, the function the ComfyUI hook and the WebUI script
-call, with x0_hat decoded by the real TAESD decoder. It prints PSNR per task for a few strengths and rules,
-against the best baseline.
+schedule is the host's "normal" one (steps evenly spaced in the training timesteps), the samplers are
+k-diffusion's (written out below), and guidance is applied by ``dps.host.guided_correction``, the function the
+ComfyUI hook and the WebUI script call, with x0_hat decoded by the real TAESD decoder; multistep samplers feed it
+through their family's correction filter (``dps.samplers``) as the ComfyUI node does (``--plain-multistep``: the
+correction unfiltered, as before the filter). It prints PSNR per task for a few strengths and rules, against the
+best baseline.
 
     python bench/host_defaults.py --vae PATH/taesd_decoder.safetensors [--steps 20] [--images 8] [--json]
 """
@@ -12,6 +14,7 @@ against the best baseline.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -21,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dps import (DPSGuidance, Gaussian, alphas_cumprod_from_betas, guided_denoised, linear_betas,  # noqa: E402
-                 sigma_from_alpha_cumprod)
+from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
+from dps.host import guided_correction  # noqa: E402
+from dps.progress import step_progress  # noqa: E402
+from dps.samplers import CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
 
 
@@ -37,51 +42,59 @@ def denoiser_from_eps(eps_model, alphas_cumprod: torch.Tensor):
     return denoise
 
 
-def euler(denoise, x, sigmas, guidance: DPSGuidance | None):
+def euler(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True):
     """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the second stage)."""
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = _denoised(denoise, x, s, s_next, guidance, i / (len(sigmas) - 2))
+        d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1))
         x = x + (s_next - s) * (x - d) / s
     return x
 
 
-def dpmpp_2m(denoise, x, sigmas, guidance: DPSGuidance | None):
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) as k-diffusion's ``sample_dpmpp_2m``
-    writes it; the guided prediction is what the multistep history keeps, as in the hosts."""
-    old = None
+def dpmpp_2m(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, eta: float = 0.0,
+             seed: int = 1):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) as k-diffusion writes it for an ε model
+    (λ = −log σ): ``sample_dpmpp_2m`` with η = 0, ``sample_dpmpp_2m_sde`` (midpoint) with η > 0, whose noise is drawn
+    per step here where ComfyUI draws it from a Brownian tree (the same distribution for each step). The guided
+    prediction is what the multistep history keeps, as in the hosts."""
+    gen = torch.Generator().manual_seed(seed)
+    family = family_for("dpmpp_2m_sde", {"eta": eta}) if eta else family_for("dpmpp_2m")
+    filt = CorrectionFilter(family, sigmas) if filtered else None
+    old, h_last = None, None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = _denoised(denoise, x, s, s_next, guidance, i / (len(sigmas) - 2))
+        d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1), filt)
         if s_next == 0:
             x = d
             continue
         h = math.log(s / s_next)
+        w = -math.expm1(-(1 + eta) * h)
+        x = (s_next / s) * math.exp(-eta * h) * x + w * d
         if old is not None:
-            r = math.log(float(sigmas[i - 1]) / s) / h
-            d_mix = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old
-        else:
-            d_mix = d
-        x = (s_next / s) * x - math.expm1(-h) * d_mix
-        old = d
+            x = x + 0.5 * w * (h / h_last) * (d - old)
+        if eta > 0:
+            x = x + torch.randn(x.shape, generator=gen) * s_next * math.sqrt(-math.expm1(-2 * eta * h))
+        old, h_last = d, h
     return x
 
 
-def _denoised(denoise, x, s: float, s_next: float, guidance: DPSGuidance | None, progress: float):
+def _denoised(denoise, x, s: float, s_next: float, guidance: DPSGuidance | None, progress: float,
+              filt: CorrectionFilter | None = None):
     s_in = x.new_full((x.shape[0],), s)
     if guidance is None or not guidance.active(progress):
         with torch.no_grad():
             return denoise(x, s_in)
     result = guidance.evaluate(x, lambda x_: denoise(x_, s_in))
-    return guided_denoised(result, guidance, s, s - s_next, x)
+    correction = guided_correction(result, guidance, s, s - s_next, x)
+    return result.x0_hat + (filt(s, correction) if filt is not None else correction)
 
 
-def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, seed: int = 1):
+def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
     """k-diffusion's ``sample_euler_ancestral`` (η = 1): Euler down to σ_down, then fresh noise of σ_up."""
     gen = torch.Generator().manual_seed(seed)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = _denoised(denoise, x, s, s_next, guidance, i / (len(sigmas) - 2))
+        d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1))
         sigma_up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
         sigma_down = (s_next**2 - sigma_up**2) ** 0.5
         x = x + (sigma_down - s) * (x - d) / s
@@ -90,7 +103,8 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, seed: int 
     return x
 
 
-SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m}
+SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m,
+            "dpmpp_2m_sde": functools.partial(dpmpp_2m, eta=1.0)}
 # The issue's "simple baseline" per task (bicubic, mean fill, the blurred measurement itself).
 SIMPLE = {"super_resolution": "bicubic", "box_inpainting": "mean fill", "random_inpainting": "mean fill",
           "gaussian_deblur": "measurement", "motion_deblur": "measurement"}
@@ -108,6 +122,8 @@ def main() -> int:
     p.add_argument("--offset", type=int, default=50,
                    help="first held-out digit (50: the tuning digits; 0: the demo's evaluation digits)")
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
+    p.add_argument("--plain-multistep", action="store_true",
+                   help="feed multistep samplers the rule's correction unfiltered (the behaviour before dps.samplers)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -132,7 +148,7 @@ def main() -> int:
                 rule, zeta = setting.split(":")
                 g = DPSGuidance(op, Gaussian(s.sigma), y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
                                 decoder=setup.decoder, on_nonfinite="skip")
-                z = SAMPLERS[name](denoise, x_T.clone(), sigmas, g)
+                z = SAMPLERS[name](denoise, x_T.clone(), sigmas, g, filtered=not args.plain_multistep)
                 with torch.no_grad():
                     row[setting] = float(psnr(setup.decoder(z).clamp(-1, 1), setup.truth).mean())
                 print(f"{name:9s} {task:18s} {setting:12s} {row[setting]:6.2f} dB   ({simple} {scores[simple]:.2f}, "
@@ -140,7 +156,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"steps": args.steps, "images": args.images, "offset": args.offset, "mode": args.mode,
                           "start": args.start,
-                          "psnr": table}))
+                          "plain_multistep": args.plain_multistep, "psnr": table}))
     return 0
 
 

@@ -10,7 +10,10 @@ documented surface only, so tests drive this module with small fakes.
   one model evaluation a sampler asks for (CFG, ControlNet and LoRA included) is re-run with grad on a copy
   of ``x``; ``x0_hat`` is what the host returns, the decode undoes the latent format
   (``inner_model.process_latent_out``) and runs the VAE's own module; the guided denoised is
-  ``x0_hat + correction`` (``dps.host.guided_denoised``). Every built-in sampler goes through it.
+  ``x0_hat + correction`` (``dps.host.guided_correction``). Every built-in sampler goes through it. For a
+  multistep sampler (DPM++ 2M, 2M SDE, 3M SDE; told by the ``KSAMPLER``'s function, which ``OUTER_SAMPLE``
+  receives) the correction is filtered (``dps.samplers``) so that its update receives the intended step; a
+  sampler without a family there keeps the plain correction, said once in the log.
 
 The gradient through the decoder is taken by ``dps.vae_gradient`` (``vae_gradient``: auto picks full,
 checkpointed or tiled from the free memory); with a fast decoder (TAESD) and ``fast_decoder_end`` < 1 the fast
@@ -31,7 +34,8 @@ from ..dps.guidance import MODES, RULES, DPSGuidance
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
-from ..dps.host import (guided_denoised, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
+from ..dps.samplers import CorrectionFilter, family_for
+from ..dps.host import (guided_correction, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
                         normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
 from ..dps.operators import Compose, Inpainting, Operator
@@ -88,6 +92,7 @@ class RunState:
     decoder_copy: nn.Module | None = None
     distances: list[torch.Tensor] = field(default_factory=list)
     logged: set = field(default_factory=set)
+    sampler_filter: CorrectionFilter | None = None
 
 
 def _operators(op: Operator) -> list[Operator]:
@@ -162,6 +167,7 @@ class DPSPatch:
         self.run: RunState | None = None
         self.last_run: RunState | None = None
         self._inner: Any = None
+        self._told: set[str] = set()
 
     @property
     def uses_vae(self) -> bool:
@@ -202,6 +208,9 @@ class DPSPatch:
         patcher = getattr(guider, "model_patcher", None)
         y = self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
         self.run = self._start_run(y)
+        sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -233,13 +242,33 @@ class DPSPatch:
         result = guidance.evaluate(x, x0_fn)
         self._log_plan(guidance, result.x0_hat)
         self.run.distances.append(result.distance.cpu())
-        out = guided_denoised(result, guidance, sigma, schedule_step(sigma, sigmas), x,
-                              alpha=signal_scale(inner.model_sampling, sigma))
+        correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas), x,
+                                       alpha=signal_scale(inner.model_sampling, sigma))
+        if self.run.sampler_filter is not None:
+            correction = self.run.sampler_filter(sigma, correction)
+        out = result.x0_hat + correction
         if self.interrupt is not None:
             self.interrupt()
         return out
 
     # ---- internals ----------------------------------------------------------------------------------
+    def _sampler_filter(self, sampler: Any, sigmas: Any, patcher: Any) -> CorrectionFilter | None:
+        """The correction filter of the sampler's family (``dps.samplers``), from the ``KSAMPLER``'s function name
+        and options; None for a single-step sampler, and for one without a family (said once per node)."""
+        function = getattr(sampler, "sampler_function", None)
+        name = getattr(function, "__name__", None) or type(sampler).__name__
+        family = family_for(name, getattr(sampler, "extra_options", None) or {})
+        if family is None:
+            if name not in self._told:
+                self._told.add(name)
+                log.info("DPS: sampler %s has no multistep adapter here; guidance enters its predictions as for a "
+                         "single-step sampler", name)
+            return None
+        if family.history == 0 or not isinstance(sigmas, torch.Tensor):
+            return None
+        ms = patcher.get_model_object("model_sampling") if patcher is not None else None
+        return CorrectionFilter(family, sigmas, alpha=(lambda s: signal_scale(ms, s)) if ms is not None else None)
+
     def _start_run(self, y: torch.Tensor) -> RunState:
         run = RunState()
         s = self.settings

@@ -1,0 +1,300 @@
+"""Sampler families (``dps.samplers``): with the correction filter, a multistep sampler's x-update receives exactly
+the first-order step of the rule's correction, ``W_i c_i``, whatever the correction did at earlier steps.
+
+The samplers' update rules are written out below as k-diffusion's ``sampling.py`` states them (ComfyUI's copy,
+comfy/k_diffusion/sampling.py @ a125cd84), independently of ``dps.samplers``. A last test runs ComfyUI's own
+sampler functions when a ComfyUI checkout is given (``COMFYUI_PATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT
+from dps.samplers import CorrectionFilter, DPMSolver2M, DPMSolver2MSDE, DPMSolver3MSDE, SingleStep, family_for
+
+
+def lam(sigma: float, flow: bool) -> float:
+    """Half-log-SNR as k-diffusion's ``sigma_to_half_log_snr``: −log σ, or logit⁻ for flow (CONST) models."""
+    return math.log((1 - sigma) / sigma) if flow else -math.log(sigma)
+
+
+def euler_step(x, sigmas, i, D, state, flow):
+    return x + (sigmas[i + 1] - sigmas[i]) * (x - D[-1]) / sigmas[i], 1 - sigmas[i + 1] / sigmas[i]
+
+
+def dpmpp_2m_step(x, sigmas, i, D, state, flow):
+    t, t_next = -math.log(sigmas[i]), (-math.log(sigmas[i + 1]) if sigmas[i + 1] > 0 else math.inf)
+    h = t_next - t
+    w = -math.expm1(-h)
+    if len(D) == 1 or sigmas[i + 1] == 0:
+        return (sigmas[i + 1] / sigmas[i]) * x + w * D[-1], w
+    r = (t + math.log(sigmas[i - 1])) / h
+    d = (1 + 1 / (2 * r)) * D[-1] - (1 / (2 * r)) * D[-2]
+    return (sigmas[i + 1] / sigmas[i]) * x + w * d, w
+
+
+def sde_first_order(x, sigmas, i, D, flow, eta):
+    """The first-order part both SDE samplers share (noise left out: it cancels in the comparisons)."""
+    ls, lt = lam(sigmas[i], flow), lam(sigmas[i + 1], flow)
+    h = lt - ls
+    h_eta = h * (eta + 1)
+    alpha_t = sigmas[i + 1] * math.exp(lt)
+    w = alpha_t * -math.expm1(-h_eta)
+    return sigmas[i + 1] / sigmas[i] * math.exp(-h * eta) * x + w * D[-1], w, h, h_eta, alpha_t
+
+
+def dpmpp_2m_sde_step(x, sigmas, i, D, state, flow, eta=1.0, solver="midpoint"):
+    if sigmas[i + 1] == 0:
+        return D[-1], 1.0
+    x, w, h, h_eta, alpha_t = sde_first_order(x, sigmas, i, D, flow, eta)
+    if len(D) > 1:
+        r = state["h_last"] / h
+        if solver == "heun":
+            x = x + alpha_t * (-math.expm1(-h_eta) / -h_eta + 1) * (1 / r) * (D[-1] - D[-2])
+        else:
+            x = x + 0.5 * alpha_t * -math.expm1(-h_eta) * (1 / r) * (D[-1] - D[-2])
+    state["h_last"] = h
+    return x, w
+
+
+def dpmpp_3m_sde_step(x, sigmas, i, D, state, flow, eta=1.0):
+    if sigmas[i + 1] == 0:
+        return D[-1], 1.0
+    x, w, h, h_eta, alpha_t = sde_first_order(x, sigmas, i, D, flow, eta)
+    phi_2 = math.expm1(-h_eta) / h_eta + 1
+    if len(D) > 2:
+        r0, r1 = state["h_1"] / h, state["h_2"] / h
+        d1_0 = (D[-1] - D[-2]) / r0
+        d1_1 = (D[-2] - D[-3]) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_3 = phi_2 / h_eta - 0.5
+        x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+    elif len(D) > 1:
+        r = state["h_1"] / h
+        x = x + (alpha_t * phi_2) * (D[-1] - D[-2]) / r
+    state["h_2"], state["h_1"] = state.get("h_1"), h
+    return x, w
+
+
+CASES = {
+    "euler": (euler_step, SingleStep()),
+    "dpmpp_2m": (dpmpp_2m_step, DPMSolver2M()),
+    "dpmpp_2m_sde": (dpmpp_2m_sde_step, DPMSolver2MSDE()),
+    "dpmpp_2m_sde_heun": (lambda *a: dpmpp_2m_sde_step(*a, solver="heun"), DPMSolver2MSDE(solver="heun")),
+    "dpmpp_2m_sde_eta0.5": (lambda *a: dpmpp_2m_sde_step(*a, eta=0.5), DPMSolver2MSDE(eta=0.5)),
+    "dpmpp_3m_sde": (dpmpp_3m_sde_step, DPMSolver3MSDE()),
+}
+
+
+def run(step, sigmas, denoise, corrections, filt, flow):
+    """The sampler loop; returns per step the state x_i, the raw and the fed predictions and W_i."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    state, fed, raw, rows = {}, [], [], []
+    for i in range(len(sigmas) - 1):
+        d = denoise(x, sigmas[i])
+        c = corrections[i] if filt is None else filt(sigmas[i], corrections[i])
+        raw.append(d)
+        fed.append(d + c)
+        snapshot = dict(state)
+        x_next, w = step(x, sigmas, i, fed, state, flow)
+        rows.append((x, list(raw), list(fed), snapshot, w))
+        x = x_next
+    return rows
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_update_receives_the_first_order_step_of_the_correction(name, flow):
+    step, family = CASES[name]
+    if flow:
+        sigmas = [0.98, 0.9, 0.75, 0.55, 0.35, 0.2, 0.1, 0.04, 0.0]
+        alpha = lambda s: 1 - s  # noqa: E731
+    else:
+        sigmas = [14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0]
+        alpha = lambda s: 1.0  # noqa: E731
+    denoise = lambda x, s: 0.25 / (0.25 + s**2) * x  # noqa: E731  (the Gaussian prior's denoiser, linear)
+    g = torch.Generator().manual_seed(2)
+    corrections = [torch.randn(2, 3, 4, 4, generator=g) for _ in sigmas[:-1]]
+    rows = run(step, sigmas, denoise, corrections, CorrectionFilter(family, sigmas, alpha), flow)
+    for i, (x, raw, fed, state, w) in enumerate(rows):
+        guided, _ = step(x, sigmas, i, fed, dict(state), flow)
+        plain, _ = step(x, sigmas, i, raw, dict(state), flow)
+        torch.testing.assert_close(guided - plain, w * corrections[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_without_the_filter_the_extrapolation_amplifies_the_correction(name):
+    """The control: fed unchanged, the multistep update's guidance part is not the intended step."""
+    step, _ = CASES[name]
+    sigmas = [14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0]
+    g = torch.Generator().manual_seed(2)
+    corrections = [torch.randn(2, 3, 4, 4, generator=g) for _ in sigmas[:-1]]
+    rows = run(step, sigmas, lambda x, s: 0.0 * x, corrections, None, False)
+    x, raw, fed, state, w = rows[3]
+    guided, _ = step(x, sigmas, 3, fed, dict(state), False)
+    plain, _ = step(x, sigmas, 3, raw, dict(state), False)
+    error = (guided - plain - w * corrections[3]).norm() / (w * corrections[3]).norm()
+    assert error > 0.2
+
+
+def test_2m_filter_is_the_convex_recursion_of_the_issue():
+    """c'_i = (c_i + k c'_{i−1})/(1 + k) with k = 1/(2r), r = h_{i−1}/h_i (issue 11)."""
+    sigmas = [10.0, 5.0, 2.0, 0.0]
+    filt = CorrectionFilter(DPMSolver2M(), sigmas)
+    c0, c1 = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 3.0)
+    assert torch.equal(filt(10.0, c0), c0)
+    k = 1 / (2 * math.log(10 / 5) / math.log(5 / 2))
+    torch.testing.assert_close(filt(5.0, c1), (c1 + k * c0) / (1 + k))
+    # the step to σ = 0 is first order; a σ between levels passes unchanged
+    assert torch.equal(filt(2.0, c1), c1) and torch.equal(filt(3.0, c1), c1)
+
+
+def test_an_unguided_step_counts_as_zero_and_a_restart_forgets():
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.0]
+    filt = CorrectionFilter(DPMSolver2M(), sigmas)
+    c = torch.ones(1, 1, 2, 2)
+    filt(10.0, c)
+    k = 1 / (2 * math.log(5 / 2) / math.log(10 / 5))
+    torch.testing.assert_close(filt(2.0, c), c / (1 + k))   # step 1 (σ = 5) was not guided: c'_1 = 0
+    torch.testing.assert_close(filt(10.0, 2 * c), 2 * c)    # a new run from the top
+    assert list(filt.fed) == [0]
+
+
+def test_family_names():
+    assert isinstance(family_for("sample_dpmpp_2m"), DPMSolver2M)
+    assert family_for("dpmpp_2m_sde_gpu", {"eta": 0.5, "solver_type": "heun"}) == DPMSolver2MSDE(0.5, "heun")
+    assert family_for("dpmpp_2m_sde_heun") == DPMSolver2MSDE(1.0, "heun")
+    assert family_for("dpmpp_3m_sde_gpu", {"eta": 0.0}) == DPMSolver3MSDE(0.0)
+    assert isinstance(family_for("euler_ancestral"), SingleStep)
+    assert family_for("uni_pc") is None and family_for("dpm_fast_function") is None
+    with pytest.raises(ValueError, match="solver"):
+        family_for("dpmpp_2m_sde", {"solver_type": "rk4"})
+
+
+COMFY = os.environ.get("COMFYUI_PATH")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+DRIVER = textwrap.dedent('''
+    import json, math, os, sys
+    sys.path.insert(0, os.environ["COMFYUI_PATH"]); sys.path.insert(0, sys.argv[1])
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.k_diffusion.sampling as ks
+    from dps.samplers import CorrectionFilter, family_for
+
+    class Inner:                      # what the SDE samplers read: model.inner_model.model_patcher
+        def __init__(self): self.model_patcher = self
+        def get_model_object(self, name): return object()   # not CONST: an ε/v model, λ = −log σ
+
+    sigmas = torch.tensor([14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    corrections = [torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(len(sigmas) - 1)]
+    base = [torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(len(sigmas) - 1)]
+    out = {}
+    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
+        sample = getattr(ks, "sample_" + name)
+        def final(n, guided):
+            """x after the first n steps; the denoiser ignores x, so guided − unguided is the guidance alone."""
+            filt = CorrectionFilter(family_for(name), sigmas)
+            def model(x, sigma, **kw):
+                s = float(sigma.flatten()[0]); i = [float(v) for v in sigmas].index(s)
+                return base[i] + (filt(s, corrections[i]) if guided else 0)
+            model.inner_model = Inner()
+            zero = lambda a, b: torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+            kw = {} if name == "dpmpp_2m" else {"noise_sampler": zero}
+            return sample(model, torch.zeros(1, 2, 2, 2, dtype=torch.float64), sigmas[:n + 1], disable=True, **kw)
+        errors, previous = [], torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+        for n in range(1, len(sigmas)):
+            diff = final(n, True) - final(n, False)
+            s, s_next = float(sigmas[n - 1]), float(sigmas[n])
+            eta = 0.0 if name == "dpmpp_2m" else 1.0
+            h = math.log(s / s_next) if s_next > 0 else math.inf
+            a = (s_next / s) * math.exp(-h * eta) if s_next > 0 else 0.0
+            w = -math.expm1(-h * (eta + 1)) if s_next > 0 else 1.0
+            part = diff - a * previous
+            errors.append(float((part - w * corrections[n - 1]).abs().max()))
+            previous = diff
+        out[name] = max(errors)
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_own_samplers_receive_the_intended_step(tmp_path):
+    script = tmp_path / "families_driver.py"
+    script.write_text(DRIVER)
+    out = subprocess.run([PYTHON, str(script), str(ROOT)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, COMFYUI_PATH=COMFY))
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, out.stderr[-3000:]
+    errors = json.loads(line[len("RESULT "):])
+    assert set(errors) == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+    assert all(e < 1e-9 for e in errors.values()), errors
+
+
+# ---- the ComfyUI adapter: OUTER_SAMPLE tells the sampler, PREDICT_NOISE feeds the filtered correction ----------
+class KSampler:
+    """ComfyUI's KSAMPLER, reduced: the k-diffusion function and its options, called by the fake guider."""
+
+    def __init__(self, function, extra_options=None):
+        self.sampler_function, self.extra_options = function, extra_options or {}
+
+    def __call__(self, model, x, sigmas):
+        return self.sampler_function(model, x, sigmas)
+
+
+def _comfy():
+    import test_comfy_adapter as fakes   # the pack loaded as ComfyUI loads it, and fakes of ComfyUI's objects
+    return fakes
+
+
+def test_comfy_adapter_filters_the_correction_of_a_multistep_sampler():
+    fakes = _comfy()
+    patcher, vae, clean, operator, noise, measurement = fakes.setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    with torch.inference_mode():
+        guided, patch = fakes.hook.apply_dps(patcher, vae, measurement, operator, noise, fakes.Settings())
+    out = fakes.run(guided, vae, KSampler(fakes.dpmpp_2m))
+    run_state = patch.last_run
+    assert run_state.sampler_filter.family.name == "dpmpp_2m"   # the pack's copy of dps.samplers
+    assert sorted(run_state.sampler_filter.fed) == list(range(len(fakes.SIGMAS) - 1))
+    plain = fakes.residual(operator, y, fakes.run(patcher, vae, KSampler(fakes.dpmpp_2m)))
+    assert torch.isfinite(out).all() and float(fakes.residual(operator, y, out)) < 0.6 * float(plain)
+    # the fed corrections are the 2M recursion of the rule's corrections: not the plain ones after the first step
+    unfiltered = fakes.run(guided, vae, fakes.dpmpp_2m)          # a bare function: no family, the plain correction
+    assert patch.last_run.sampler_filter is None and not torch.allclose(out, unfiltered)
+
+
+def test_comfy_adapter_keeps_single_step_samplers_and_tells_an_unknown_one_once(caplog):
+    fakes = _comfy()
+    patcher, vae, clean, operator, noise, measurement = fakes.setup_sr()
+    with torch.inference_mode():
+        guided, patch = fakes.hook.apply_dps(patcher, vae, measurement, operator, noise, fakes.Settings())
+
+    def sample_euler(model, x, sigmas):
+        return fakes.euler(model, x, sigmas)
+
+    def sample_unipc(model, x, sigmas):
+        return fakes.euler(model, x, sigmas)
+
+    euler_out = fakes.run(guided, vae, KSampler(sample_euler))
+    assert patch.last_run.sampler_filter is None
+    assert torch.equal(euler_out, fakes.run(guided, vae, fakes.euler))   # today's behaviour, to the bit
+    with caplog.at_level("INFO", logger="dps_guidance"):
+        fakes.run(guided, vae, KSampler(sample_unipc))
+        fakes.run(guided, vae, KSampler(sample_unipc))
+    told = [r for r in caplog.records if "sample_unipc" in r.getMessage()]
+    assert len(told) == 1 and "single-step" in told[0].getMessage()
