@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     + f"  [{time.perf_counter() - t0:.0f} s]")
     out = {"benchmark": "restore", "images": args.images, "steps": steps_list, "seed": args.seed, "sigma": 0.05,
            "priors": {"pixel": args.pixel_model or "bundled", "latent": args.latent_model or "bundled",
-                      "vae": args.vae},
+                      "vae": Path(args.vae).name if args.vae else None},   # a file name, no machine path
            "deepinv": {"version": DEEPINV, "included": with_deepinv, "error": DEEPINV_ERROR,
                        "weight": args.deepinv_weight},
            "environment": environment(args.threads),
