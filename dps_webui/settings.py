@@ -153,7 +153,7 @@ def _check_setting(name: str, param: Param, value):
         if param.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
         value = param.check(value)
-    except ValueError:
+    except (TypeError, ValueError):
         kind = {"int": "a whole number", "float": "a finite number"}.get(param.kind, f"one of {param.choices}")
         raise ValueError(f"DPS: {name} must be {kind}, got {value!r}") from None
     if param.kind == "int" and param.min is not None and value < param.min:

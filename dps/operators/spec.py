@@ -12,13 +12,10 @@ converts its own types (a ComfyUI MASK, an uploaded file) to these before callin
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
-import torch
-
+from ..validate import check_choice, check_int, check_number, check_tensor
 from .base import Operator
 
 KINDS = ("int", "float", "choice", "mask", "image")
@@ -65,25 +62,13 @@ class Param:
         return self.kind in TENSOR_KINDS
 
     def check(self, value: Any) -> Any:
-        """``value`` as this parameter's type (``int``, ``float``, a choice, a tensor); ``ValueError`` naming
-        the parameter otherwise."""
+        """``value`` as this parameter's type (``int``, ``float``, a choice, a tensor); ``TypeError`` or
+        ``ValueError`` naming the parameter otherwise (``dps.validate``)."""
         if self.kind == "choice":
-            if value not in self.choices:
-                raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
-            return value
+            return check_choice(self.name, value, self.choices)
         if self.is_tensor:
-            if value is None and self.optional:
-                return None
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{self.name} must be a tensor ({self.kind}), got {type(value).__name__}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{self.name} must be a finite number, got {value!r}")
-        if self.kind == "int":
-            if int(value) != value:
-                raise ValueError(f"{self.name} must be a whole number, got {value!r}")
-            return int(value)
-        return float(value)
+            return None if value is None and self.optional else check_tensor(self.name, value)
+        return check_int(self.name, value) if self.kind == "int" else check_number(self.name, value)
 
 
 def _same_size(h: int, w: int, **params: Any) -> tuple[int, int]:
