@@ -147,8 +147,13 @@ def setup_venv(root: Path, venv: Path, torch_spec: str) -> None:
         pip(venv, *torch_spec.split())
     torch_v, vision_v = installed_version(venv, "torch"), installed_version(venv, "torchvision")
     constraints = root / "constraints_live.txt"
-    constraints.write_text(f"torch==={torch_v}\ntorchvision==={vision_v}\n", encoding="utf-8")
     requirements = live_requirements(root)
+    # torch as installed and the host's own pins: also given to the launcher as PIP_CONSTRAINT, so that the
+    # built-in extensions' installers (Forge's legacy preprocessors pull mediapipe, which wants numpy 2) keep them
+    pins = [line.split("#")[0].strip() for line in requirements.read_text(encoding="utf-8").splitlines()
+            if re.match(r"^[-_.A-Za-z0-9]+==", line.strip())]
+    constraints.write_text("\n".join([f"torch==={torch_v}", f"torchvision==={vision_v}", *pins]) + "\n",
+                           encoding="utf-8")
     # pip leaves satisfied pins alone; the constraints keep torch as it is
     pip(venv, "-r", str(requirements), "-c", str(constraints))
     if "clip_package" in (root / "modules" / "launch_utils.py").read_text(encoding="utf-8") and \
@@ -211,6 +216,7 @@ def start(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     env.update(HF_HOME=str(root / ".hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                GRADIO_ANALYTICS_ENABLED="False", DO_NOT_TRACK="1", REQS_FILE=str(root / "requirements_live.txt"),
+               PIP_CONSTRAINT=str(root / "constraints_live.txt"),
                PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv))
     flags = CPU_FLAGS + ["--port", str(args.port), "--ckpt", str(root / "models" / "Stable-diffusion" / CHECKPOINT)]
     if is_forge(root):
