@@ -235,7 +235,7 @@ class Default:
 
 # One default story: one (rule, ζ) per sampler family, which every host and the library take from here. The two
 # families' ζ differ because a σ-space Euler step and a DDPM step apply the same rule over different step sizes
-# (README, *Step rules*). The demo application tunes (rule, ζ) per task on top of this (``dps.app.tuned``).
+# (docs/maths.md, *Step rules*). The demo application tunes (rule, ζ) per task on top of this (``dps.app.tuned``).
 DEFAULTS = {
     "sigma": Default("polyak", 1.0, "σ-space samplers (the ComfyUI node; the WebUI's k-diffusion and DDIM/PLMS "
                      "paths): bench/host_defaults.py, SD1.x-latent prior and TAESD, 20 steps, Euler: one ζ beats "

@@ -3,7 +3,7 @@ its HTTP API (server started headless on 127.0.0.1 by the test, killed after).
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout whose requirements are installed) and runs ComfyUI with
 ``COMFYUI_PYTHON`` (default: this Python). CPU torch without a matching torchvision: put a stub package on
-``PYTHONPATH`` (see README, ComfyUI section). The UNet is a tiny random SD1.5-detectable one written at test
+``PYTHONPATH`` (see docs/development.md). The UNet is a tiny random SD1.5-detectable one written at test
 time; the VAE is the real TAESD from ../shared/assets/taesd. Random weights are no image prior, so the tests
 check mechanics and the data term, not picture quality: the guided result's measurement residual must be
 clearly below the unguided one at the same seed.

@@ -16,7 +16,7 @@ and the same J_Dᵀv through the family's VAE. Random weights are no prior: this
 sizes, not picture quality.
 
 Needs ``COMFYUI_PATH`` (and ``COMFYUI_PYTHON``, a stub torchvision on ``PYTHONPATH`` for CPU torch: see the
-README's ComfyUI section). About 2 CPU-minutes per family.
+docs/development.md). About 2 CPU-minutes per family.
 """
 
 from __future__ import annotations

