@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dps.operators import Operator, registry
 
-from .settings import DPSSettings
+from .settings import DPSSettings, operator_values
 
 
 def decode_image(value):
@@ -89,8 +89,7 @@ def make_measurement(settings: DPSSettings, operator: Operator, image: torch.Ten
         with torch.no_grad():
             y = build_noise(settings).sample(operator(resize(image, height, width)), generator)
     elif spec.from_picture == "resize":
-        _, _, h, w = operator.measurement_shape(shape)
-        y = resize(image, h, w)
+        y = resize(image, *spec.measurement_size(height, width, **operator_values(settings)))
     elif spec.from_picture == "apply":
         with torch.no_grad():
             y = operator(resize(image, height, width))

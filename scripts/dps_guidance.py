@@ -289,8 +289,9 @@ if scripts is not None:
                     raise ValueError("DPS: no measurement image; upload the degraded image in the DPS accordion, "
                                      "or in img2img choose 'init image'")
             h, w = height, width
-            if not settings.simulate and registry.get(settings.task).from_picture == "resize":
-                _, _, h, w = operator.measurement_shape((1, 3, height, width))  # e.g. 1/factor for super-resolution
+            spec = registry.get(settings.task)
+            if not settings.simulate and spec.from_picture == "resize":  # e.g. 1/factor for super-resolution
+                h, w = spec.measurement_size(height, width, **operator_values(settings))
             tensor = measure.image_to_tensor(_fit(p, image, w, h) if settings.source == "init image" else image)
             seed = getattr(p, "seed", 0)
             generator = torch.Generator().manual_seed(int(seed) if isinstance(seed, int) and seed >= 0 else 0)

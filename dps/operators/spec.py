@@ -45,6 +45,8 @@ class Param:
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.kind not in KINDS or not self.help:
             raise ValueError(f"parameter {self.name!r}: needs an identifier name, a kind in {KINDS} and help text")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError(f"parameter {self.name!r}: a choice needs choices")
         if self.kind in TENSOR_KINDS:
             if self.default is not None:
                 raise ValueError(f"parameter {self.name!r}: a {self.kind} has no default; set optional=True instead")
@@ -52,8 +54,6 @@ class Param:
             if self.optional:
                 raise ValueError(f"parameter {self.name!r}: a {self.kind} is never optional; give it a default")
             self.check(self.default)
-        if self.kind == "choice" and not self.choices:
-            raise ValueError(f"parameter {self.name!r}: a choice needs choices")
         if not self.label:
             object.__setattr__(self, "label", self.name.replace("_", " ").capitalize())
 
