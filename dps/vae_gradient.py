@@ -223,18 +223,26 @@ def _saved_bytes(decode: Decode, crop: torch.Tensor, exclude: set[int]) -> int:
     """Bytes of the distinct storages autograd saves for a backward pass of ``decode(crop)``, without those in
     ``exclude`` (the weights, which do not grow with the image)."""
     seen: dict[int, int] = {}
+    kept: list[torch.Tensor] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         try:
             storage = t.untyped_storage()
             if storage.data_ptr() not in exclude:
                 seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
-        return t
+        kept.append(t)   # alive until the probe ends, as in a real graph, so storages are told apart by address
+        return None
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:   # stored in the graph: it must not reach ``kept``
+        raise RuntimeError("the memory probe keeps no tensors for backward")
+
+    # The graph keeps only ``unpack`` and None: had it kept ``t`` itself, a saved output (ReLU's, tanh's) would be
+    # tied to its own grad_fn, a cycle Python's collector cannot see, and every probe's graph would stay in memory.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         decode(crop.detach().requires_grad_(True))
+    kept.clear()
     return sum(seen.values())
 
 
