@@ -80,3 +80,16 @@ def measure(image: torch.Tensor, operator: ops.Operator, noise: dps_noise.NoiseM
         y = operator(x)
         y = noise.sample(y, torch.Generator(device="cpu").manual_seed(int(seed)))
         return nchw_to_image(y)
+
+
+def preview(measurement: torch.Tensor) -> torch.Tensor:
+    """The measurement IMAGE as shown in DPS Measure's preview: clamped to [0, 1] when it is a picture (noise may
+    overshoot a little), stretched to its own range per image when it is not one (phase retrieval's Fourier
+    magnitudes lie far outside [0, 1])."""
+    lo, hi = float(measurement.min()), float(measurement.max())
+    if lo >= -0.5 and hi <= 1.5:
+        return measurement.clamp(0.0, 1.0)
+    flat = measurement.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1, 1)
+    span = (flat.amax(dim=1).view(-1, 1, 1, 1) - low).clamp_min(1e-12)
+    return (measurement - low) / span

@@ -154,7 +154,8 @@ class DPSPatch:
 
     def __init__(self, operator: Operator, noise: NoiseModel, measurement: torch.Tensor, settings: Settings,
                  vae: Any = None, surrogate: nn.Module | None = None,
-                 interrupt: Callable[[], None] | None = None) -> None:
+                 interrupt: Callable[[], None] | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
         if vae is None and surrogate is None:
             raise ValueError("DPS guidance needs a VAE (or a TAESD decoder) to compare the sample with the measurement")
         self.operator = operator
@@ -164,6 +165,7 @@ class DPSPatch:
         self.vae = vae
         self.surrogate = surrogate
         self.interrupt = interrupt
+        self.report = report
         self.run: RunState | None = None
         self.last_run: RunState | None = None
         self._inner: Any = None
@@ -242,6 +244,8 @@ class DPSPatch:
         result = guidance.evaluate(x, x0_fn)
         self._log_plan(guidance, result.x0_hat)
         self.run.distances.append(result.distance.cpu())
+        if self.report is not None:
+            self.report(progress_text(self.run.distances))
         correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas), x,
                                        alpha=signal_scale(inner.model_sampling, sigma))
         if self.run.sampler_filter is not None:
@@ -368,14 +372,27 @@ class DPSPatch:
                      [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances))
 
 
+def progress_text(distances: list[torch.Tensor]) -> str:
+    """The line shown on the sampler node while it runs: the measurement residual ‖y − A(D(x0_hat))‖ of the
+    first and the latest guided evaluation (the mean over the batch)."""
+    first, last = (float(d.float().mean()) for d in (distances[0], distances[-1]))
+    batch = distances[-1].numel()
+    mean = f" (mean of {batch} images)" if batch > 1 else ""
+    return (f"DPS: measurement residual ‖y − A(x̂0)‖ {last:.4g}, from {first:.4g} "
+            f"({len(distances)} guided evaluation{'' if len(distances) == 1 else 's'}){mean}")
+
+
 def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operator, noise: NoiseModel,
               settings: Settings, surrogate: nn.Module | None = None,
               interrupt: Callable[[], None] | None = None,
+              report: Callable[[str], None] | None = None,
               wrapper_types: tuple[str, str] = (OUTER_SAMPLE, PREDICT_NOISE)) -> tuple[Any, DPSPatch]:
-    """Check the inputs, then return a clone of ``model`` carrying one DPS patch (replacing any earlier one)."""
+    """Check the inputs, then return a clone of ``model`` carrying one DPS patch (replacing any earlier one).
+    ``interrupt`` raises when the user cancels; ``report`` receives a progress line after each guided evaluation."""
     check_inputs(model, vae, measurement, operator, noise, surrogate,
                  uses_vae=surrogate is None or settings.fast_decoder_end < 1.0)
-    patch = DPSPatch(operator, noise, measurement, settings, vae=vae, surrogate=surrogate, interrupt=interrupt)
+    patch = DPSPatch(operator, noise, measurement, settings, vae=vae, surrogate=surrogate, interrupt=interrupt,
+                     report=report)
     outer, predict = wrapper_types
     m = model.clone()
     m.remove_wrappers_with_key(outer, KEY)

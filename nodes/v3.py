@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Callable
 
 import torch
 from typing_extensions import override
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 
 from ..dps.guidance import MODES, RULES
 from ..dps.operators import registry
@@ -186,11 +187,29 @@ class DPSMeasure(io.ComfyNode):
                 Noise.Input("noise", tooltip="The sensor noise added afterwards."),
                 _seed("The noise draw."),
             ],
-            outputs=[io.Image.Output(display_name="measurement", tooltip="The simulated measurement y = A(x) + n.")])
+            outputs=[io.Image.Output(display_name="measurement", tooltip="The simulated measurement y = A(x) + n "
+                                                                         "(shown on the node).")])
 
     @classmethod
     def execute(cls, image, operator, noise, seed) -> io.NodeOutput:
-        return io.NodeOutput(builders.measure(image, operator, noise, seed))
+        y = builders.measure(image, operator, noise, seed)
+        return io.NodeOutput(y, ui=ui.PreviewImage(builders.preview(y), cls=cls))
+
+
+def _progress_text() -> Callable[[str], None] | None:
+    """Show a line of text on the node that is sampling (the KSampler), as ComfyUI's own nodes do; None where
+    ComfyUI runs without its server (scripts that import it as a library)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return None
+
+    def send(text: str) -> None:
+        context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+        if context is not None and server is not None:
+            server.send_progress_text(text, context.node_id)
+    return send
 
 
 def _vae_approx_decoders() -> list[str]:
@@ -276,6 +295,7 @@ class DPSApply(io.ComfyNode):
         surrogate = None if fast_decoder in (None, "none") else _load_taesd_decoder(fast_decoder)
         m, _ = apply_dps(model, vae, measurement, operator, noise, settings, surrogate=surrogate,
                          interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                         report=_progress_text(),
                          wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
         return io.NodeOutput(m)
 

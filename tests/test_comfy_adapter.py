@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import re
 import sys
 
 import pytest
@@ -447,6 +448,33 @@ def test_interrupt_stops_at_the_next_guided_step():
     with pytest.raises(Interrupted):
         run(guided, vae)
     assert len(calls) == 3
+
+
+def test_progress_lines_report_the_falling_residual():
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    lines = []
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(), report=lines.append)
+    run(guided, vae)
+    distances = patch.last_run.distances
+    assert len(lines) == len(distances) == len(SIGMAS) - 1
+    pattern = re.compile(r"DPS: measurement residual .+ (\S+), from (\S+) \((\d+) guided evaluations?\)$")
+    assert all(pattern.match(line) for line in lines), lines
+    last, first, count = (float(v) for v in pattern.match(lines[-1]).groups())
+    assert count == len(distances)
+    assert last == pytest.approx(float(distances[-1][0]), rel=1e-3)
+    assert first == pytest.approx(float(distances[0][0]), rel=1e-3) and last < first
+
+
+def test_measure_preview_is_a_viewable_picture():
+    picture = torch.rand(1, 8, 8, 3)
+    noisy = picture + 0.1 * torch.randn_like(picture)
+    assert torch.equal(builders.preview(noisy), noisy.clamp(0, 1))
+    fourier = torch.rand(2, 8, 8, 3) * 50 + torch.arange(2).view(2, 1, 1, 1) * 100
+    shown = builders.preview(fourier)
+    assert shown.shape == fourier.shape
+    for i in range(2):
+        assert float(shown[i].min()) == 0.0 and float(shown[i].max()) == pytest.approx(1.0)
 
 
 def test_bad_settings_and_sockets_name_the_fix():

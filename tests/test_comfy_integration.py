@@ -228,6 +228,59 @@ def test_server_prompt_guided_residual_below_unguided(server, work, rule, streng
     assert history["outputs"]["16"]["images"][0]["filename"].startswith("dps_test")
 
 
+def _progress_texts(url: str, prompt: dict, timeout: float = 600) -> tuple[dict, dict[str, list[str]]]:
+    """Run ``prompt`` while listening on the server's websocket; the history and the progress texts per node
+    (binary messages of type 3: event, node id length, node id, UTF-8 text; ComfyUI's protocol.py)."""
+    websocket = pytest.importorskip("websocket", reason="needs websocket-client to listen to the server")
+    import struct
+    ws = websocket.create_connection(url.replace("http://", "ws://") + "/ws?clientId=dps-ui", timeout=timeout)
+    texts: dict[str, list[str]] = {}
+    try:
+        status, body = _post(url + "/prompt", {"prompt": prompt, "client_id": "dps-ui"})
+        assert status == 200, body
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                if struct.unpack(">I", message[:4])[0] == 3:
+                    size = struct.unpack(">I", message[4:8])[0]
+                    texts.setdefault(message[8:8 + size].decode(), []).append(message[8 + size:].decode())
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            if data.get("prompt_id") == body["prompt_id"] and (
+                    event["type"] in ("execution_error", "execution_interrupted") or
+                    (event["type"] == "executing" and data.get("node") is None) or event["type"] == "execution_success"):
+                break
+    finally:
+        ws.close()
+    return _run_prompt_history(url, body["prompt_id"]), texts
+
+
+def _run_prompt_history(url: str, prompt_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            return history[prompt_id]
+        time.sleep(0.25)
+    pytest.fail(f"prompt {prompt_id} has no history after {timeout} s")
+
+
+def test_measure_preview_and_the_residual_on_the_sampler_node(server):
+    prompt = _workflow(SR, "euler", 1.0, "polyak")
+    for node_id in ("10", "12", "14", "16"):                   # the guided branch only
+        del prompt[node_id]
+    prompt["6"]["inputs"]["sigma"] = 0.021                      # a new measurement: DPS Measure runs again
+    history, texts = _progress_texts(server, prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    preview = history["outputs"]["7"]["images"]                 # DPS Measure shows its measurement
+    assert len(preview) == 1 and preview[0]["type"] == "temp" and preview[0]["filename"].endswith(".png")
+    lines = texts.get("11", [])                                 # on the guided KSampler, one line per evaluation
+    assert len(lines) == 4 and all(line.startswith("DPS: measurement residual") for line in lines), texts
+    last, first = (float(v) for v in lines[-1].split("‖ ", 1)[1].split(" (")[0].split(", from "))
+    assert last < first
+
+
 def test_server_malformed_workflows_get_node_errors(server):
     mask = {"class_type": "DPSBoxMask", "inputs": {"width": 32, "height": 32, "box_width": 8, "box_height": 8,
                                                    "margin": 2, "seed": 0}}
