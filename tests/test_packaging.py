@@ -29,6 +29,12 @@ def test_registry_required_fields():
     assert comfy["PublisherId"] and comfy["DisplayName"]
 
 
+def test_the_declared_licence_is_shipped():
+    assert PYPROJECT["project"]["license"] == "MIT"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "WITHOUT WARRANTY OF ANY KIND" in text
+
+
 def test_requires_comfyui_is_a_version_range_the_registry_accepts():
     part = r"(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)"
     spec = PYPROJECT["tool"]["comfy"]["requires-comfyui"]
