@@ -114,3 +114,58 @@ def test_driver_reads_the_infotext_as_the_host_writes_it():
     assert drive_webui.dps_entry("a photo\nSteps: 4, Seed: 1") is None
     line = "[DPS Guidance] measurement distance 20.29 -> 14.72 over 4 guided denoiser calls (0 skipped)"
     assert drive_webui.DISTANCE.findall(line) == [("20.29", "14.72", "4", "0")]
+
+
+def test_driver_speaks_gradio_4_file_protocol():
+    """Forge's gradio 4 takes images as uploaded files: ``/upload`` (multipart, field ``files``) answers the
+    server-side paths, and an image output is a ``FileData`` whose ``url`` serves the file."""
+    pytest.importorskip("PIL", reason="the driver decodes PNGs with PIL")
+    import email.parser
+    import http.server
+    import json
+    import threading
+
+    import drive_webui
+
+    assert drive_webui.gradio_major({"version": "4.40.0"}) == 4
+    assert drive_webui.gradio_major({"version": "3.41.2"}) == 3
+    assert drive_webui.gradio_major({}) == 3  # gradio 3 pages without a version: the old protocol
+    received: dict = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+            message = email.parser.BytesParser().parsebytes(head + body)
+            parts = message.get_payload()
+            received.update(path=self.path, field=parts[0].get_param("name", header="content-disposition"),
+                            filename=parts[0].get_filename(), content=parts[0].get_payload(decode=True))
+            self._answer(json.dumps(["cache/gradio/abc/degraded.png"]).encode())
+
+        def do_GET(self):
+            received["get"] = self.path
+            self._answer(b"PNGBYTES")
+
+        def _answer(self, data: bytes):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        webui = drive_webui.WebUI(url, None, timeout=30)
+        content = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n--not-the-boundary\r\n"
+        assert webui.upload("degraded.png", content) == "cache/gradio/abc/degraded.png"
+        assert received == {"path": "/upload", "field": "files", "filename": "degraded.png", "content": content}
+        assert webui.file_bytes({"path": "cache/gradio/abc/after.png"}) == b"PNGBYTES"
+        assert received["get"] == "/file=cache/gradio/abc/after.png"
+        assert webui.file_bytes({"path": "x", "url": f"{url}/file=outputs/after.png"}) == b"PNGBYTES"
+        assert received["get"] == "/file=outputs/after.png"
+    finally:
+        server.shutdown()

@@ -13,6 +13,8 @@ Needs ``pip install playwright`` (the Python package only: the browser is the sy
    the *After* image and an infotext with the ``DPS`` entry.
 
 Screenshots go to ``--out``; ``--screenshot`` keeps a small copy of the Restore tab after the restore.
+Works on both pages: AUTOMATIC1111's gradio 3 and Forge's gradio 4 (tabs have the ``tab`` role there, and
+images load lazily, so the *After* image is scrolled into view first).
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def block(scope, label: str):
     return scope.locator(".block", has=scope.page.get_by_text(label, exact=True)).last
 
 
+def open_tab(page, name: str, gradio4: bool) -> None:
+    """Click a top-level tab: gradio 3 (AUTOMATIC1111) draws its tab buttons as buttons, gradio 4 (Forge) gives
+    them the ``tab`` role."""
+    page.locator("#tabs").get_by_role("tab" if gradio4 else "button", name=name, exact=True).click()
+
+
 def slider_value(scope, label: str) -> str:
     return block(scope, label).locator("input[type=number]").first.input_value()
 
@@ -79,7 +87,9 @@ def run(url: str, out: Path, screenshot: Path | None, steps: int, timeout_s: flo
         page.goto(url, wait_until="domcontentloaded", timeout=300_000)
         page.locator("#txt2img_prompt").wait_for(state="visible", timeout=300_000)
         results["page_load_s"] = round(time.time() - start, 1)
-        log(f"page loaded in {results['page_load_s']} s")
+        results["gradio"] = page.evaluate("() => window.gradio_config && window.gradio_config.version") or "3"
+        gradio4 = int(str(results["gradio"]).split(".")[0]) >= 4
+        log(f"page loaded in {results['page_load_s']} s (gradio {results['gradio']})")
 
         # 1. the accordion
         accordion = page.locator(ACCORDION)
@@ -94,7 +104,7 @@ def run(url: str, out: Path, screenshot: Path | None, steps: int, timeout_s: flo
         log("accordion rendered")
 
         # 2. paste from PNG Info
-        page.locator("#tabs").get_by_role("button", name="PNG Info", exact=True).click()
+        open_tab(page, "PNG Info", gradio4)
         page.locator("#pnginfo_image input[type=file]").set_input_files(str(with_info))
         expect(page.locator("#tab_pnginfo")).to_contain_text("DPS", timeout=60_000)
         page.locator("#tab_pnginfo").get_by_role("button", name="Send to txt2img").click()
@@ -108,7 +118,7 @@ def run(url: str, out: Path, screenshot: Path | None, steps: int, timeout_s: flo
         accordion.screenshot(path=str(out / "accordion_pasted.png"))
 
         # 3. the Restore tab
-        page.locator("#tabs").get_by_role("button", name="DPS Restore", exact=True).click()
+        open_tab(page, "DPS Restore", gradio4)
         tab = page.locator("#tab_dps_restore")
         expect(block(tab, "Degraded image")).to_be_visible()
         block(tab, "Degraded image").locator("input[type=file]").set_input_files(str(degraded))
@@ -125,6 +135,9 @@ def run(url: str, out: Path, screenshot: Path | None, steps: int, timeout_s: flo
         results["restore_s"] = round(time.time() - start, 1)
         results["restore_infotext"] = infotext.input_value()
         after = block(tab, "After").locator("img")
+        if gradio4:  # gradio 4 loads images lazily: off screen, the <img> stays 0 px high (hidden)
+            block(tab, "After").scroll_into_view_if_needed()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=after.element_handle())
         expect(after).to_be_visible()
         size = after.evaluate("img => [img.naturalWidth, img.naturalHeight]")
         results["after_size"] = size

@@ -15,7 +15,8 @@ after each guided job); without it the residual-in-the-log checks are skipped. C
   fields the UI uses) restores the DPS settings: same ``DPS`` entry, same image.
 * the X/Y/Z plot script over the ``[DPS]`` axes (strength and gradient mode): one cell per value, each cell's
   infotext carries its value.
-* the DPS Restore tab's function, called as the page calls it (gradio's ``/run/predict``).
+* the DPS Restore tab's function, called as the page calls it (gradio's ``/run/predict``; on gradio 4, i.e.
+  Forge, the image is uploaded first (``/upload``) and passed as a ``FileData``, and the result fetched by URL).
 * invalid settings (an unknown task; ``upload`` with no image): a clear ``DPS error`` in the result, and the
   server keeps serving.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import re
@@ -103,6 +105,25 @@ class WebUI:
         except urllib.error.HTTPError as exc:
             raise CheckFailed(f"{path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
 
+    def upload(self, name: str, content: bytes) -> str:
+        """gradio 4's ``/upload`` (multipart, field ``files``): the server-side path of the uploaded file."""
+        boundary = "dpsboundary" + hashlib.sha1(content).hexdigest()[:16]
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(self.url + "/upload", data=body,
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())[0]
+        except urllib.error.HTTPError as exc:
+            raise CheckFailed(f"/upload: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+
+    def file_bytes(self, file_data: dict) -> bytes:
+        """The content of a gradio 4 ``FileData`` output (its ``url``, else ``/file=<path>``)."""
+        url = file_data.get("url") or f"{self.url}/file={file_data['path']}"
+        with urllib.request.urlopen(url, timeout=self.timeout) as response:
+            return response.read()
+
     def log_offset(self) -> int:
         return self.log.stat().st_size if self.log and self.log.exists() else 0
 
@@ -113,6 +134,14 @@ class WebUI:
             f.seek(offset)
             text = f.read().decode("utf-8", "replace")
         return [(float(a), float(b), int(n), int(s)) for a, b, n, s in DISTANCE.findall(text)]
+
+
+def gradio_major(config: dict) -> int:
+    """The major version of the page's gradio (``/config``'s ``version``; AUTOMATIC1111 1.10: 3, Forge: 4)."""
+    try:
+        return int(str(config.get("version", "3")).split(".")[0])
+    except ValueError:
+        return 3
 
 
 def dps_entry(infotext: str) -> str | None:
@@ -303,7 +332,14 @@ class Driver:
                 index = i
         expect(index is not None, "the DPS Restore tab's button is not on the page")
         inputs = [components[c] for c in config["dependencies"][index]["inputs"]]
-        given = {"Degraded image": "data:image/png;base64," + self.low_b64, "Prompt (describe the image)": "a photo",
+        gradio4 = gradio_major(config) >= 4
+        if gradio4:  # Forge: images travel as uploaded files (FileData), as the page sends them
+            path = self.webui.upload("degraded.png", base64.b64decode(self.low_b64))
+            degraded: Any = {"path": path, "orig_name": "degraded.png", "meta": {"_type": "gradio.FileData"}}
+            index = config["dependencies"][index].get("id", index)
+        else:  # AUTOMATIC1111's gradio 3: data URLs
+            degraded = "data:image/png;base64," + self.low_b64
+        given = {"Degraded image": degraded, "Prompt (describe the image)": "a photo",
                  "Steps": self.steps, "Seed (-1: random)": 1, "Sampler": "Euler"}
         data = [given.get(c["props"].get("label"), c["props"].get("value")) for c in inputs]
         offset = self.webui.log_offset()
@@ -312,10 +348,14 @@ class Driver:
         before, after, infotext = out
         distances = self.webui.distances_since(offset)
         self.results["restore"] = {"seconds": round(time.time() - start, 1), "infotext": infotext,
-                                   "dps": dps_entry(infotext or ""), "log_distances": distances}
+                                   "dps": dps_entry(infotext or ""), "log_distances": distances,
+                                   "gradio": config.get("version")}
         print(f"  restore: {self.results['restore']}", flush=True)
         expect(after is not None, f"restore gave no image: {infotext}")
-        image = decode(after if isinstance(after, str) else after.get("data") or after["name"])
+        if gradio4:
+            image = np.asarray(Image.open(io.BytesIO(self.webui.file_bytes(after))).convert("RGB"))
+        else:
+            image = decode(after if isinstance(after, str) else after.get("data") or after["name"])
         check_image(image, (self.size, self.size), "restore")
         self.results["restore"]["residual"] = round(self.residual(image), 4)
         expect(self.results["restore"]["dps"] is not None and not error_entry(infotext), f"restore: {infotext}")
