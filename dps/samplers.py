@@ -22,7 +22,19 @@ The update rules are those of k-diffusion's ``sampling.py`` as ComfyUI ships it 
 @ a125cd84): ``sample_dpmpp_2m`` (Lu et al. 2022, arXiv 2211.01095, Algorithm 2, with h in −log σ),
 ``sample_dpmpp_2m_sde`` (midpoint and heun corrections, h in half-log-SNR λ = log(α/σ)) and ``sample_dpmpp_3m_sde``.
 Samplers are named as k-diffusion names its functions, without ``sample_`` (the WebUI's k-samplers are the same
-functions). ``family_for`` returns None for a sampler it does not know; the caller then keeps ``c'_i = c_i``.
+functions). ``family_for`` returns None for a sampler it does not know.
+
+For a sampler without a written-out family (LMS, iPNDM, DEIS, res_multistep, UniPC, ...) ``probe_family`` reads the
+weights off the sampler function itself. With fixed σ levels and no noise, a sampler that evaluates the model once
+per level is linear in its start ``x_0`` and its predictions: the state it evaluates at level i+1 is
+
+    x_{i+1} = a_i x_i + Σ_{m ≤ i} w_{i,m} D_m.
+
+Run on a probe batch whose column m < n receives D_k = δ_{km} from x_0 = 0 and whose last column starts at x_0 = 1
+with D = 0, the recorded states give ``a_i`` (last column) and ``w_{i,m} = x_{i+1} − a_i x_i`` (column m). For a
+consistent sampler Σ_m w_{i,m} is the first-order weight ``W_i`` (a constant prediction is integrated exactly), so
+``b_{i,j} = w_{i,i−j} / W_i`` is the row the filter needs. A sampler that evaluates between levels, adds noise it
+cannot be told to leave out, mixes the columns or breaks the recursion's stability gets None.
 """
 
 from __future__ import annotations
@@ -196,3 +208,123 @@ class CorrectionFilter:
         fed = fed / b[0] if b[0] != 1.0 else fed
         self.fed[i] = fed
         return fed
+
+
+@dataclass(frozen=True)
+class ProbedFamily:
+    """The weights ``b_{i,j}`` of a sampler read off its function by ``probe_family`` for one σ schedule."""
+
+    name: str
+    table: tuple[tuple[float, ...], ...]
+
+    @property
+    def history(self) -> int:
+        return max((len(row) for row in self.table), default=1) - 1
+
+    def weights(self, sigmas: Sequence[float], i: int, alpha: AlphaFn = _one) -> tuple[float, ...]:
+        return self.table[i] if 0 <= i < len(self.table) else (1.0,)
+
+
+class _ProbeModel:
+    """The denoiser a probed sampler calls: records (σ, x) and returns the prediction of the call's column."""
+
+    def __init__(self, n: int, columns: int, attributes: Mapping[str, object]) -> None:
+        self.n, self.columns = n, columns
+        self.calls: list[tuple[float, torch.Tensor]] = []
+        for key, value in attributes.items():
+            setattr(self, key, value)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        k = len(self.calls)
+        self.calls.append((float(torch.as_tensor(sigma).flatten()[0]), x.detach().clone()))
+        d = torch.zeros_like(x)
+        if k < self.n:
+            d[:, k] = 1.0
+        return d
+
+
+def _level(sigma: float, levels: Sequence[float]) -> int | None:
+    for i, level in enumerate(levels):
+        if abs(sigma - level) <= 1e-5 * level:
+            return i
+    return 0 if levels and levels[0] * (1 - 1e-3) <= sigma < levels[0] else None
+
+
+def _stable(table: Sequence[Sequence[float]], bound: float = 10.0) -> bool:
+    """Whether the filter's recursion c'_i = (c_i − Σ_j b_{i,j} c'_{i−j}) / b_{i,0} stays bounded: its response to
+    a unit correction at one level (at up to 16 levels spread over the run) never exceeds ``bound``."""
+    n = len(table)
+    for start in sorted({round(k * (n - 1) / 15) for k in range(16)} if n > 16 else range(n)):
+        fed = [0.0] * n
+        for i in range(start, n):
+            row = table[i]
+            if abs(row[0]) < 1e-6:
+                return False
+            past = sum(b * fed[i - j] for j, b in enumerate(row[1:], start=1) if i - j >= start)
+            fed[i] = ((1.0 if i == start else 0.0) - past) / row[0]
+            if not math.isfinite(fed[i]) or abs(fed[i]) > bound:
+                return False
+    return True
+
+
+def probe_family(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[float],
+                 options: Mapping | None = None, model_attributes: Mapping[str, object] | None = None,
+                 name: str = "probed") -> ProbedFamily | None:
+    """The weights of the k-diffusion-style sampler ``sample(model, x, sigmas, extra_args=..., callback=...,
+    disable=..., **options)`` for the levels ``sigmas``, read off the function (module docstring), or None when it
+    is not a linear one-evaluation-per-level sampler. ``model_attributes`` are set on the probe model (ComfyUI's
+    samplers read ``model.inner_model``). Runs the sampler on a (1, n + 2, 1, 1) batch: in float64, or in float32
+    for a sampler whose own constants are float32 (UniPC)."""
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        try:
+            table = _probe(sample, sigmas, dict(options or {}), dict(model_attributes or {}), dtype, tolerance)
+        except Exception:   # a sampler that needs more of the host than a denoiser (CFG++, adaptive steps, ...)
+            continue
+        return None if table is None else ProbedFamily(name=name, table=table)
+    return None
+
+
+def _probe(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[float], options: dict,
+           attributes: dict, dtype: torch.dtype, tolerance: float) -> tuple[tuple[float, ...], ...] | None:
+    levels = [float(v) for v in torch.as_tensor(sigmas).flatten().tolist()]
+    n = len(levels) - 1
+    if n < 1:
+        return None
+    model = _ProbeModel(n, n + 2, attributes)
+    x = torch.zeros(1, n + 2, 1, 1, dtype=dtype)
+    x[:, n], x[:, n + 1] = 1.0, 2.0               # the start's own path, twice: a check of linearity
+    try:
+        import inspect
+        parameters = inspect.signature(sample).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "noise_sampler" in parameters:
+        options["noise_sampler"] = lambda sigma, sigma_next: torch.zeros_like(x)
+    with torch.no_grad():   # a copy of the levels: some samplers write into theirs (UniPC's last level)
+        final = sample(model, x.clone(), torch.as_tensor(sigmas).to(dtype).clone(), extra_args={"seed": 0},
+                       callback=None, disable=True, **options)
+    calls = model.calls
+    if len(calls) != n or [_level(s, levels[:-1]) for s, _ in calls] != list(range(n)):
+        return None
+    states = [c[1].double().flatten() for c in calls] + [torch.as_tensor(final).double().flatten()]
+    if any(s.numel() != n + 2 or not torch.isfinite(s).all() for s in states):
+        return None
+    table = []
+    for i in range(n):
+        start, nxt = states[i], states[i + 1]
+        scale = max(1.0, float(nxt.abs().max()))
+        if abs(float(nxt[n + 1] - 2 * nxt[n])) > tolerance * scale:
+            return None                                            # noise or a mixing of the columns
+        a = float(nxt[n] / start[n]) if abs(float(start[n])) > 1e-30 else 0.0
+        w = (nxt[:n] - a * start[:n]).tolist()
+        if any(abs(v) > tolerance * scale for v in w[i + 1:]):
+            return None                                            # a prediction used before it was made
+        total = sum(w[:i + 1])
+        if abs(total) < 1e-12:
+            table.append((1.0,))
+            continue
+        row = [w[i - j] / total for j in range(i + 1)]
+        while len(row) > 1 and abs(row[-1]) < tolerance:
+            row.pop()
+        table.append(tuple(row))
+    return tuple(table) if _stable(table) else None

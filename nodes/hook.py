@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,7 @@ from ..dps.guidance import MODES, RULES, DPSGuidance
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
-from ..dps.samplers import CorrectionFilter, family_for
+from ..dps.samplers import CorrectionFilter, family_for, probe_family
 from ..dps.host import (guided_correction, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
                         normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
@@ -257,20 +258,32 @@ class DPSPatch:
 
     # ---- internals ----------------------------------------------------------------------------------
     def _sampler_filter(self, sampler: Any, sigmas: Any, patcher: Any) -> CorrectionFilter | None:
-        """The correction filter of the sampler's family (``dps.samplers``), from the ``KSAMPLER``'s function name
-        and options; None for a single-step sampler, and for one without a family (said once per node)."""
+        """The correction filter of the sampler's family (``dps.samplers``): the written-out family of the
+        ``KSAMPLER``'s function, else the weights probed from the function itself (LMS, iPNDM, DEIS, res_multistep,
+        UniPC, ...); None for a single-step sampler and for one that can be neither (said once per node)."""
         function = getattr(sampler, "sampler_function", None)
         name = getattr(function, "__name__", None) or type(sampler).__name__
-        family = family_for(name, getattr(sampler, "extra_options", None) or {})
+        options = getattr(sampler, "extra_options", None) or {}
+        if not isinstance(sigmas, torch.Tensor):
+            return None
+        ms = patcher.get_model_object("model_sampling") if patcher is not None else None
+        family = family_for(name, options)
+        if family is None and callable(function):
+            # what ComfyUI's samplers read off their model (KSamplerX0Inpaint): the guider's patcher and model
+            host = SimpleNamespace(model_patcher=patcher, inner_model=SimpleNamespace(model_sampling=ms))
+            family = probe_family(function, sigmas, options, {"inner_model": host}, name=name)
+            if family is not None and name not in self._told:
+                self._told.add(name)
+                log.info("DPS: sampler %s: guidance fed through the weights read off the sampler (%d earlier "
+                         "predictions)", name, family.history)
         if family is None:
             if name not in self._told:
                 self._told.add(name)
                 log.info("DPS: sampler %s has no multistep adapter here; guidance enters its predictions as for a "
                          "single-step sampler", name)
             return None
-        if family.history == 0 or not isinstance(sigmas, torch.Tensor):
+        if family.history == 0:
             return None
-        ms = patcher.get_model_object("model_sampling") if patcher is not None else None
         return CorrectionFilter(family, sigmas, alpha=(lambda s: signal_scale(ms, s)) if ms is not None else None)
 
     def _start_run(self, y: torch.Tensor) -> RunState:

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dps.samplers import CorrectionFilter, DPMSolver2M, DPMSolver2MSDE, DPMSolver3MSDE, SingleStep, family_for
+from dps.samplers import (CorrectionFilter, DPMSolver2M, DPMSolver2MSDE, DPMSolver3MSDE, SingleStep, family_for,
+                          probe_family)
 
 
 def lam(sigma: float, flow: bool) -> float:
@@ -170,6 +171,120 @@ def test_an_unguided_step_counts_as_zero_and_a_restart_forgets():
     assert list(filt.fed) == [0]
 
 
+# ---- weights read off a sampler function (samplers without a written-out family) ------------------------------
+def as_sampler(step, flow=False):
+    """A k-diffusion-style sampler function (``sample(model, x, sigmas, extra_args, callback, disable)``) from a
+    written-out step above."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        levels, D, state = [float(v) for v in sigmas], [], {}
+        for i in range(len(levels) - 1):
+            D.append(model(x, sigmas[i] * x.new_ones([x.shape[0]])))
+            x, _ = step(x, levels, i, D, state, flow)
+        return x
+    return sample
+
+
+def lms_step(x, sigmas, i, D, state, flow, order=4):
+    """k-diffusion's ``sample_lms``: Adams-Bashforth in σ on d = (x − D)/σ, each coefficient the integral of a
+    Lagrange basis polynomial over [σ_i, σ_{i+1}] (here exactly, by numpy's polynomial algebra)."""
+    import numpy as np
+    state.setdefault("d", []).append((x - D[-1]) / sigmas[i])
+    if sigmas[i + 1] == 0:
+        return D[-1], 1.0
+    k = min(i + 1, order)
+    total = 0.0
+    for j in range(k):
+        poly = np.poly1d([1.0])
+        for m in range(k):
+            if m != j:
+                poly = poly * np.poly1d([1.0, -sigmas[i - m]]) / (sigmas[i - j] - sigmas[i - m])
+        integral = poly.integ()
+        total = total + float(integral(sigmas[i + 1]) - integral(sigmas[i])) * state["d"][-1 - j]
+    return x + total, None
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_probe_reads_the_written_out_families(name, flow):
+    step, family = CASES[name]
+    sigmas = [0.98, 0.9, 0.75, 0.55, 0.35, 0.2, 0.1, 0.04, 0.0] if flow else [14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0]
+    alpha = (lambda s: 1 - s) if flow else (lambda s: 1.0)
+    probed = probe_family(as_sampler(step, flow), torch.tensor(sigmas, dtype=torch.float64))
+    assert probed is not None and len(probed.table) == len(sigmas) - 1
+    for i, row in enumerate(probed.table):
+        expected = family.weights(sigmas, i, alpha)
+        assert len(row) == len(expected) and all(abs(a - b) < 1e-9 for a, b in zip(row, expected)), (i, row, expected)
+
+
+def test_probed_lms_receives_the_intended_step_and_keeps_its_order():
+    """LMS has no written-out family: with the probed filter the guided deviation δ of the states obeys
+    δ_{i+1} = a_i δ_i + W_i c_i, a_i the sampler's response to its start and W_i = 1 − a_i its weight on a constant
+    prediction; unguided, the probe changes nothing."""
+    sigmas = torch.tensor([14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    sample = as_sampler(lms_step)
+    family = probe_family(sample, sigmas, name="lms")
+    assert family is not None and family.history >= 3
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(len(sigmas) - 1)]
+    corrections = [torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(len(sigmas) - 1)]
+
+    def states(x0, guided, predictions=base):
+        filt, seen = CorrectionFilter(family, sigmas), []
+
+        def model(x, sigma):
+            i = len(seen)
+            seen.append(x.clone())
+            return predictions[i] + (filt(float(sigma[0]), corrections[i]) if guided else 0)
+        return seen + [sample(model, x0.clone(), sigmas)]
+
+    start = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64)
+    plain, guided = states(start, False), states(start, True)
+    zeros = [torch.zeros_like(b) for b in base]
+    response = states(torch.ones_like(start), False, zeros)
+    for i in range(len(sigmas) - 1):
+        a = float(response[i + 1].flatten()[0] / response[i].flatten()[0]) if i < len(sigmas) - 2 else 0.0
+        delta, delta_next = guided[i] - plain[i], guided[i + 1] - plain[i + 1]
+        torch.testing.assert_close(delta_next - a * delta, (1 - a) * corrections[i], rtol=1e-9, atol=1e-9)
+
+
+def test_the_probe_refuses_what_it_cannot_read():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    euler = as_sampler(CASES["euler"][0])
+
+    def noisy(model, x, sigmas, extra_args=None, callback=None, disable=None):      # noise it cannot switch off
+        for i in range(len(sigmas) - 1):
+            d = model(x, sigmas[i] * x.new_ones([1]))
+            x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i] + 0.1 * torch.randn_like(x)
+        return x
+
+    def heun(model, x, sigmas, extra_args=None, callback=None, disable=None):       # evaluates between levels
+        for i in range(len(sigmas) - 1):
+            d = model(x, sigmas[i] * x.new_ones([1]))
+            mid = (sigmas[i] + sigmas[i + 1]) / 2
+            x = x + (mid - sigmas[i]) * (x - d) / sigmas[i]
+            d = model(x, mid * x.new_ones([1]))
+            x = x + (sigmas[i + 1] - mid) * (x - d) / mid
+        return x
+
+    def wild(model, x, sigmas, extra_args=None, callback=None, disable=None):       # b = (0.1, 0.9): unstable
+        previous = None
+        for i in range(len(sigmas) - 1):
+            d = model(x, sigmas[i] * x.new_ones([1]))
+            mix = d if previous is None or sigmas[i + 1] == 0 else 0.1 * d + 0.9 * previous
+            x = x + (sigmas[i + 1] - sigmas[i]) * (x - mix) / sigmas[i]
+            previous = d
+        return x
+
+    def needs_the_host(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return model.inner_model.model_sampling.noise_scaling(x)
+
+    assert probe_family(euler, sigmas).history == 0
+    assert probe_family(noisy, sigmas) is None
+    assert probe_family(heun, sigmas) is None
+    assert probe_family(wild, sigmas) is None
+    assert probe_family(needs_the_host, sigmas) is None
+
+
 def test_family_names():
     assert isinstance(family_for("sample_dpmpp_2m"), DPMSolver2M)
     assert family_for("dpmpp_2m_sde_gpu", {"eta": 0.5, "solver_type": "heun"}) == DPMSolver2MSDE(0.5, "heun")
@@ -243,6 +358,80 @@ def test_comfyuis_own_samplers_receive_the_intended_step(tmp_path):
     errors = json.loads(line[len("RESULT "):])
     assert set(errors) == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
     assert all(e < 1e-9 for e in errors.values()), errors
+
+
+PROBE_DRIVER = textwrap.dedent('''
+    import inspect, json, os, sys
+    from types import SimpleNamespace
+    sys.path.insert(0, os.environ["COMFYUI_PATH"]); sys.path.insert(0, sys.argv[1])
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.k_diffusion.sampling as ks
+    from comfy.extra_samplers import uni_pc
+    from dps.samplers import CorrectionFilter, probe_family
+
+    patcher = SimpleNamespace(get_model_object=lambda name: object())        # an ε model: not CONST
+    host = SimpleNamespace(model_patcher=patcher, inner_model=SimpleNamespace(model_sampling=object()))
+    functions = {name: getattr(ks, "sample_" + name) for name in (
+        "lms", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral", "gradient_estimation", "er_sde")}
+    functions.update(uni_pc=uni_pc.sample_unipc, uni_pc_bh2=uni_pc.sample_unipc_bh2)
+    out = {}
+    for steps in (8, 30):
+        sigmas = ks.get_sigmas_karras(steps, 0.0292, 14.6).double()
+        for name, sample in functions.items():
+            family = probe_family(sample, sigmas, {}, {"inner_model": host}, name=name)
+            if family is None:
+                out[f"{name}/{steps}"] = None
+                continue
+            dtype = torch.float64 if name not in ("uni_pc", "uni_pc_bh2") else torch.float32
+            g = torch.Generator().manual_seed(2)
+            base = [torch.randn(1, 2, 2, 2, generator=g, dtype=dtype) for _ in range(steps)]
+            corrections = [torch.randn(1, 2, 2, 2, generator=g, dtype=dtype) for _ in range(steps)]
+
+            def states(x0, guided, predictions):
+                filt, seen = CorrectionFilter(family, sigmas), []
+                def model(x, sigma, **kw):
+                    i = len(seen)
+                    seen.append(x.clone())
+                    return predictions[i] + (filt(float(sigma.flatten()[0]), corrections[i]) if guided else 0)
+                model.inner_model = host
+                kw = {"noise_sampler": lambda a, b: torch.zeros(1, 2, 2, 2, dtype=dtype)} if "noise_sampler" in \\
+                    inspect.signature(sample).parameters else {}
+                return seen + [sample(model, x0.clone(), sigmas.to(dtype).clone(), extra_args={"seed": 0}, disable=True, **kw)]
+
+            start = torch.randn(1, 2, 2, 2, generator=g, dtype=dtype) * 14.6
+            plain, guided = states(start, False, base), states(start, True, base)
+            response = states(torch.ones_like(start), False, [torch.zeros_like(b) for b in base])
+            errors, unfiltered = [], []
+            for i in range(steps):
+                r0, r1 = float(response[i].flatten()[0]), float(response[i + 1].flatten()[0])
+                a = r1 / r0 if abs(r0) > 1e-30 else 0.0
+                delta, delta_next = guided[i] - plain[i], guided[i + 1] - plain[i + 1]
+                part = delta_next - a * delta
+                intended = (1 - a) * corrections[i]
+                errors.append(float((part - intended).abs().max() / intended.abs().max()))
+            out[f"{name}/{steps}"] = max(errors)
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_other_multistep_samplers_receive_the_intended_step_through_the_probe(tmp_path):
+    """LMS, iPNDM(-v), DEIS, res_multistep (+ ancestral), gradient estimation, ER-SDE and UniPC (bh1, bh2), 8 and 30
+    karras steps: the weights probed from ComfyUI's own functions make the guided deviation of the states obey
+    δ_{i+1} = a_i δ_i + (1 − a_i) c_i (a_i: the sampler's response to its start)."""
+    script = tmp_path / "probe_driver.py"
+    script.write_text(PROBE_DRIVER)
+    out = subprocess.run([PYTHON, str(script), str(ROOT)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, COMFYUI_PATH=COMFY))
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, out.stderr[-3000:]
+    errors = json.loads(line[len("RESULT "):])
+    assert len(errors) == 20 and all(e is not None for e in errors.values()), errors
+    assert all(e < (1e-3 if k.startswith("uni_pc") else 1e-8) for k, e in errors.items()), errors
 
 
 # ---- the ComfyUI adapter: OUTER_SAMPLE tells the sampler, PREDICT_NOISE feeds the filtered correction ----------
