@@ -25,8 +25,9 @@ import torch
 
 from dps.autograd_safe import autograd_copy
 from dps.guidance import DPSGuidance
-from dps.host import eps_correction, guided_denoised, schedule_step
+from dps.host import eps_correction, guided_correction, schedule_step
 from dps.progress import sigma_progress
+from dps.samplers import CorrectionFilter, family_for, probe_family
 from dps.vae_gradient import DecoderGradient
 
 Log = Callable[[str], None]
@@ -75,10 +76,14 @@ class SigmaClock:
     ``schedule`` (or ``sigma_min``). ``kind="timestep"`` (DDIM, PLMS, UniPC: "sigma" is the timestep t):
     progress linear in t down to 0. ``schedule`` (descending σs, as ``get_sigmas`` returns them) also
     gives Δσ to the next σ, which the Euler-calibrated rules need; without it Δσ is None.
+
+    ``sampler`` (the host's k-diffusion sampler: its ``func``, ``eta`` and ``config.options``) lets ``feed`` pass
+    the correction through the sampler family's filter (``dps.samplers``: written out, or probed from the
+    function), so that a multistep sampler's update receives the intended step, as the ComfyUI node does.
     """
 
     def __init__(self, kind: str = "sigma", schedule: torch.Tensor | None = None,
-                 sigma_min: float | None = None) -> None:
+                 sigma_min: float | None = None, sampler: object | None = None) -> None:
         if kind not in ("sigma", "timestep"):
             raise ValueError(f"kind must be 'sigma' or 'timestep', got {kind!r}")
         self.kind = kind
@@ -86,12 +91,38 @@ class SigmaClock:
         self.sigma_min = sigma_min
         self.top: float | None = None
         self.last_t: float | None = None
+        self.sampler = sampler
+        self.filter: CorrectionFilter | None | bool = None     # False: decided, none
         if schedule is not None:
             self.set_schedule(schedule)
 
     def set_schedule(self, schedule: torch.Tensor) -> None:
         self.schedule = sorted((float(s) for s in torch.as_tensor(schedule).flatten()), reverse=True)
         self.top = None
+        self.filter = None
+
+    def feed(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
+        """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is."""
+        if self.filter is None:
+            self.filter = self._make_filter() or False
+        return self.filter(sigma, correction) if self.filter else correction
+
+    def _make_filter(self) -> CorrectionFilter | None:
+        """The filter for the levels the sampler runs: the schedule from the first σ seen down (img2img samples
+        the tail of ``get_sigmas``); None for a single-step, timestep or unreadable sampler."""
+        func = getattr(self.sampler, "func", None)
+        if self.kind != "sigma" or not callable(func) or not self.schedule or self.top is None:
+            return None
+        levels = [s for s in self.schedule if s <= self.top * (1 + 1e-5)]
+        if len(levels) < 3:
+            return None
+        options = sampler_options(self.sampler, func)
+        name = getattr(func, "__name__", "")
+        family = family_for(name, options) or probe_family(func, torch.tensor(levels, dtype=torch.float64),
+                                                          options, name=name)
+        if family is None or family.history == 0:
+            return None
+        return CorrectionFilter(family, levels)
 
     def reset(self) -> None:
         self.top = None
@@ -110,6 +141,22 @@ class SigmaClock:
         bottom = min(positive) if positive else self.sigma_min
         delta = schedule_step(sigma, torch.tensor(self.schedule)) if self.schedule else None
         return sigma_progress(sigma, self.top, bottom), delta
+
+
+def sampler_options(sampler: object, func: Callable) -> dict:
+    """The options the WebUI passes to its k-diffusion function that change a family's weights: ``eta``
+    (``KDiffusionSampler.eta``, set when sampling starts) and ``solver_type`` (the sampler config's options),
+    those the function takes."""
+    import inspect
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+    options = dict(getattr(getattr(sampler, "config", None), "options", None) or {})
+    eta = getattr(sampler, "eta", None)
+    if isinstance(eta, (int, float)):
+        options["eta"] = float(eta)
+    return {k: v for k, v in options.items() if k in parameters}
 
 
 def _detach_attr(obj, name: str) -> None:
@@ -197,7 +244,8 @@ class DenoiserWrapper:
             t_next = None if delta is None else t - int(round(delta))
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
             return out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
-        return guided_denoised(result, self.guidance, s, delta, x).to(out.dtype)  # result.x0_hat is out
+        correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x))
+        return (result.x0_hat + correction).to(out.dtype)  # result.x0_hat is out
 
     def _clean_side_outputs(self) -> None:
         # The host keeps the cond x̂0 for interrupts and the live preview; a graph there would leak into
@@ -270,7 +318,8 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             x = args["input"]
             result = guidance.evaluate(x, lambda _x: denoised)
             job.record(result.distance, result.skipped)
-            return guided_denoised(result, guidance, s, delta, x).to(device=denoised.device, dtype=denoised.dtype)
+            guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x))
+            return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False
             job.fail(exc)

@@ -81,6 +81,21 @@ def test_a1111_guidance_lowers_the_residual_and_writes_infotext(webui, func):
     assert "forward" not in vars(p.sampler.model_wrap_cfg), "the wrapper is removed in postprocess"
 
 
+def test_a1111_multistep_sampler_gets_the_filtered_correction(webui):
+    """DPM++ 2M in the WebUI: the correction goes through the 2M family's filter (dps.samplers), as in ComfyUI."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    plain, _ = a1111_run(webui, host.Processing(sd_model), args_for(enabled=False), host.sample_dpmpp_2m)
+    p = host.Processing(sd_model)
+    guided, info = a1111_run(webui, p, args_for(image=upload), host.sample_dpmpp_2m)
+    feed = p.sampler.dps_clock.filter
+    assert feed and feed.family.name == "dpmpp_2m" and sorted(feed.fed) == list(range(len(feed.sigmas) - 1))
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y) and "DPS error" not in info
+    euler_p = host.Processing(sd_model)
+    a1111_run(webui, euler_p, args_for(image=upload), host.sample_euler)
+    assert euler_p.sampler.dps_clock.filter is False          # a single-step sampler: the correction as is
+
+
 def test_disabled_or_zero_strength_leaves_the_image_unchanged(webui):
     sd_model = host.SdModel()
     _, _, upload = truth_and_measurement(sd_model)

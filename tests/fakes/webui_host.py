@@ -292,6 +292,27 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None):
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k_diffusion.sampling.sample_dpmpp_2m: DPM-Solver++(2M), h in −log σ."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised)
+        old_denoised = denoised
+    return x
+
+
 class KDiffusionSampler:
     def __init__(self, sd_model, shared, func=sample_euler):
         self.shared = shared
