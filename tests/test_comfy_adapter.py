@@ -500,13 +500,14 @@ def test_measure_node_values():
 
 
 def test_example_workflows_wire_dps_into_a_sampler():
-    import json
+    import comfy_workflows                       # UI format (the template browser's); as the API prompt it sends
     paths = sorted((ROOT / "example_workflows").glob("*.json"))
     names = " ".join(p.name for p in paths)
     for task in ("super_resolution", "inpainting", "deblur_controlnet", "storyboard"):
         assert task in names
-    for path in paths:
-        workflow = json.loads(path.read_text())
+    info = comfy_workflows.load_info()
+    for path, ui in zip(paths, comfy_workflows.load_workflows().values()):
+        workflow = comfy_workflows.ui_to_api(ui, info)
         for node in workflow.values():
             for value in node["inputs"].values():
                 if isinstance(value, list):

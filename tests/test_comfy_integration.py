@@ -308,11 +308,12 @@ def test_server_malformed_workflows_get_node_errors(server):
 
 
 def test_example_workflows_match_the_servers_node_schemas(server):
+    import comfy_workflows                       # UI format; checked here as the API prompt the frontend sends
     info = _get(server + "/object_info")
     paths = sorted((ROOT / "example_workflows").glob("*.json"))
     assert len(paths) >= 4
     for path in paths:
-        workflow = json.loads(path.read_text())
+        workflow = comfy_workflows.ui_to_api(json.loads(path.read_text()), info)
         for node_id, node in workflow.items():
             spec = info[node["class_type"]]["input"]
             required, optional = spec["required"], spec.get("optional", {})
