@@ -147,6 +147,7 @@ def _fake_comfy_api() -> dict[str, types.ModuleType]:
                                                                      "Mask", "Model", "Vae", "Latent")})
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    latest.ui = types.SimpleNamespace(PreviewImage=lambda *args, **kwargs: None)   # DPS Measure's preview
     package = types.ModuleType("comfy_api")
     package.latest = latest
     for module in (package, latest):
