@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 
@@ -136,6 +137,11 @@ def inprocess(work: str, pack: str, taesd: str, strength: str = "1.0") -> dict:
         for sampler in ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"]:
             samplers[sampler] = case(start, sampler=sampler, steps=3 if sampler == "heun" else 4)
         out["samplers"] = samplers
+        every = {}                                        # every sampler name the KSampler offers
+        for sampler in comfy.samplers.SAMPLER_NAMES:
+            result = samplers.get(sampler) or case(start, sampler=sampler, steps=4)
+            every[sampler] = dict(result, finite=all(math.isfinite(v) for v in result["plain"] + result["dps"]))
+        out["every_sampler"] = every
         out["txt2img"] = case(empty, denoise=1.0)
         out["batch"] = case({"samples": start["samples"].repeat(2, 1, 1, 1)}, seed=3)
         out["noise_mask"] = case(dict(start, noise_mask=torch.ones(1, 64, 64)), seed=9)

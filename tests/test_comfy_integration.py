@@ -106,6 +106,11 @@ def test_in_process_every_sampler_and_entry_point(work):
         for plain, dps in zip(case["plain"], case["dps"]):
             assert dps < 0.9 * plain, (name, plain, dps)
     # From pure noise a random UNet's x0 saturates the decoder: guidance still lowers the residual, less so.
+    # Every sampler name of the KSampler (ComfyUI's SAMPLER_NAMES): finite, and closer to the measurement guided.
+    every = result["every_sampler"]
+    assert len(every) >= 40 and {"lms", "deis", "ipndm", "res_multistep", "uni_pc_bh2", "dpm_adaptive"} <= set(every)
+    for name, case in every.items():
+        assert case["finite"] and case["dps"][0] < case["plain"][0], (name, case)
     assert result["txt2img"]["dps"][0] < result["txt2img"]["plain"][0]
     assert len(result["batch"]["dps"]) == 2
     assert result["plain_after_guided_equal"] is True              # the same model runs unguided afterwards
