@@ -147,11 +147,12 @@ def test_every_workflow_loads_its_input_and_explains_itself(workflows, info):
         assert loads and all((cw.INPUTS / f).exists() for f in loads), (name, loads)
         assert any(f in text and "ComfyUI/input" in text for f in loads for text in notes), name
         assert any("Wiring" in text for text in notes) and len(ui["groups"]) >= 3, name
-        members = {n["id"] for n in ui["nodes"]}
-        for group in ui["groups"]:
+        by_id = {n["id"]: n for n in ui["nodes"]}
+        for group in ui["groups"]:                    # each group holds at least one node, wholly
             x, y, w, h = group["bounding"]
-            assert w > 0 and h > 0 and group["title"], (name, group)
-        assert members
+            inside = [n for n in by_id.values() if x <= n["pos"][0] and n["pos"][0] + n["size"][0] <= x + w
+                      and y <= n["pos"][1] - 30 and n["pos"][1] + n["size"][1] <= y + h]      # 30: the title bar
+            assert group["title"] and inside, (name, group["title"])
         prompt = cw.ui_to_api(ui, info)
         applies = [k for k, v in prompt.items() if v["class_type"] == "DPSApply"]
         samplers = [v for v in prompt.values() if v["class_type"] == "KSampler"]
