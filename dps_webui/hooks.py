@@ -104,7 +104,10 @@ class SigmaClock:
     def feed(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
         """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is."""
         if self.filter is None:
-            self.filter = self._make_filter() or False
+            try:
+                self.filter = self._make_filter() or False
+            except (TypeError, ValueError):   # an unusual sampler: the correction as is, as before the filter
+                self.filter = False
         return self.filter(sigma, correction) if self.filter else correction
 
     def _make_filter(self) -> CorrectionFilter | None:
