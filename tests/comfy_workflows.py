@@ -43,8 +43,8 @@ DPS_COLOR, DPS_BGCOLOR = "#232", "#353"      # the DPS nodes in green (ComfyUI's
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"    # notes in ComfyUI's "yellow"
 GAP = 70.0                                   # between stacked nodes: the next title bar (30) and a node badge
 SOURCES = ("Photos: scikit-image's sample data (BSD-3-Clause package): `chelsea` (CC0, Stefan van der Walt), "
-           "`coffee` (CC0, Rachel Michetti), `astronaut` (NASA, public domain). The storyboard sketch is drawn "
-           "by `tests/comfy_workflows.py inputs`.")
+           "`coffee` (CC0, Rachel Michetti), `astronaut` (NASA, public domain). The storyboard sketch was drawn "
+           "for this pack.")
 
 
 # ------------------------------------------------------------------------------------------------ schema

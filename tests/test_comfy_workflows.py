@@ -264,6 +264,12 @@ def test_server_validates_and_runs_every_workflow(work, workflows):
         del bad["12"], bad["13"]                      # with the baseline output valid, it would queue that part
         status, body = cs.post_json(url + "/prompt", {"prompt": bad})
         assert status == 400 and body["node_errors"]["9"]["errors"][0]["type"] == "value_not_in_list", body
+        bad = cw.shrink(cw.ui_to_api(workflows["dps_super_resolution"], live), SIDE, 1)
+        bad["5"]["inputs"]["filter"] = "sharpest"             # a V3 combo: /prompt lets it through, the node stops it
+        history = cs.run_prompt(url, bad)
+        assert history["status"]["status_str"] == "error", history["status"]
+        text = json.dumps(history["status"]["messages"])
+        assert '"node_type": "DPSSuperResolution"' in text and "filter must be one of" in text, text[-2000:]
 
 
 def _has_playwright(python: str) -> bool:
