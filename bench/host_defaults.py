@@ -9,6 +9,10 @@ correction unfiltered, as before the filter). It prints PSNR per task for a few 
 best baseline.
 
     python bench/host_defaults.py --vae PATH/taesd_decoder.safetensors [--steps 20] [--images 8] [--json]
+
+With ``--comfyui PATH`` (a ComfyUI checkout, run with ComfyUI's Python) any other sampler name is ComfyUI's own
+function (``comfy.k_diffusion.sampling.sample_<name>``, ``uni_pc``, ``uni_pc_bh2``), driven through a denoiser as the
+node drives it: the correction fed through the written-out family or the weights probed from the function.
 """
 
 from __future__ import annotations
@@ -103,6 +107,59 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: 
     return x
 
 
+def host_sampler(function, name: str):
+    """ComfyUI's sampler ``function`` guided as the node guides it: the prediction at each model call is the guided
+    x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
+    from types import SimpleNamespace
+    from dps.host import schedule_step
+    from dps.samplers import probe_family
+
+    host = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda n: object()),   # an ε model
+                           inner_model=SimpleNamespace(model_sampling=object()))
+
+    def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
+        levels = [float(v) for v in sigmas]
+        family = (family_for(name) or probe_family(function, sigmas, {}, {"inner_model": host}, name=name)
+                  if filtered else None)
+        filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
+        run.family = family
+
+        def model(x_, sigma, **kwargs):
+            s = float(sigma.flatten()[0])
+            i = max(j for j, level in enumerate(levels[:-1]) if level >= s * (1 - 1e-5)) if s < levels[0] else 0
+            s_in = x_.new_full((x_.shape[0],), s)
+            if guidance is None or not guidance.active(step_progress(i, len(levels) - 1)):
+                with torch.no_grad():
+                    return denoise(x_, s_in)
+            result = guidance.evaluate(x_, lambda z: denoise(z, s_in))
+            correction = guided_correction(result, guidance, s, schedule_step(s, sigmas), x_)
+            return result.x0_hat + (filt(s, correction) if filt is not None else correction)
+        model.inner_model = host
+        torch.manual_seed(seed)
+        return function(model, x, sigmas.clone(), extra_args={"seed": seed}, disable=True)
+    return run
+
+
+def comfy_samplers(path: str, names: list[str]) -> dict:
+    """ComfyUI's sampler functions for ``names`` from the checkout at ``path`` (imported without its server)."""
+    sys.path.insert(0, path)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.k_diffusion.sampling as ks
+    from comfy.extra_samplers import uni_pc
+    functions = {"uni_pc": uni_pc.sample_unipc, "uni_pc_bh2": uni_pc.sample_unipc_bh2}
+    out = {}
+    for name in names:
+        function = functions.get(name) or getattr(ks, "sample_" + name, None)
+        if function is None:
+            raise SystemExit(f"ComfyUI at {path} has no sampler {name!r}")
+        out[name] = host_sampler(function, name)
+    return out
+
+
+DISCARD_PENULTIMATE = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
 SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m,
             "dpmpp_2m_sde": functools.partial(dpmpp_2m, eta=1.0)}
 # The issue's "simple baseline" per task (bicubic, mean fill, the blurred measurement itself).
@@ -124,16 +181,29 @@ def main() -> int:
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
     p.add_argument("--plain-multistep", action="store_true",
                    help="feed multistep samplers the rule's correction unfiltered (the behaviour before dps.samplers)")
+    p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    samplers = dict(SAMPLERS)
+    others = [n for n in args.samplers.split(",") if n not in samplers]
+    if others and not args.comfyui:
+        raise SystemExit(f"samplers {others} need --comfyui PATH (ComfyUI's own functions); here: {sorted(SAMPLERS)}")
+    if others:
+        samplers.update(comfy_samplers(args.comfyui, others))
     s = DemoSettings(images=args.images, latent=True, vae=args.vae, offset=args.offset)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
     denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
-    t_idx = torch.linspace(len(ac) - 1, 0, args.steps).round().long()
-    sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+    def schedule(steps: int) -> torch.Tensor:
+        t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
+        return torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+
+    sigmas = schedule(args.steps)
+    # ComfyUI's KSampler gives these samplers one level more and drops the penultimate (comfy/samplers.py,
+    # DISCARD_PENULTIMATE_SIGMA_SAMPLERS): UniPC's last step would otherwise end at its 0.001 stand-in for 0.
+    discarded = torch.cat([schedule(args.steps + 1)[:-2], torch.zeros(1)])
     x_T = torch.randn((args.images, *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
     table: dict[str, dict[str, dict[str, float]]] = {}
     for task in args.tasks.split(","):
@@ -148,7 +218,8 @@ def main() -> int:
                 rule, zeta = setting.split(":")
                 g = DPSGuidance(op, Gaussian(s.sigma), y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
                                 decoder=setup.decoder, on_nonfinite="skip")
-                z = SAMPLERS[name](denoise, x_T.clone(), sigmas, g, filtered=not args.plain_multistep)
+                levels = discarded if name in DISCARD_PENULTIMATE else sigmas
+                z = samplers[name](denoise, x_T.clone(), levels, g, filtered=not args.plain_multistep)
                 with torch.no_grad():
                     row[setting] = float(psnr(setup.decoder(z).clamp(-1, 1), setup.truth).mean())
                 print(f"{name:9s} {task:18s} {setting:12s} {row[setting]:6.2f} dB   ({simple} {scores[simple]:.2f}, "
