@@ -83,7 +83,7 @@ class SigmaClock:
     """
 
     def __init__(self, kind: str = "sigma", schedule: torch.Tensor | None = None,
-                 sigma_min: float | None = None, sampler: object | None = None) -> None:
+                 sigma_min: float | None = None, sampler: object | None = None, log: Log | None = None) -> None:
         if kind not in ("sigma", "timestep"):
             raise ValueError(f"kind must be 'sigma' or 'timestep', got {kind!r}")
         self.kind = kind
@@ -92,6 +92,7 @@ class SigmaClock:
         self.top: float | None = None
         self.last_t: float | None = None
         self.sampler = sampler
+        self.log = log
         self.filter: CorrectionFilter | None | bool = None     # False: decided, none
         if schedule is not None:
             self.set_schedule(schedule)
@@ -125,6 +126,9 @@ class SigmaClock:
                                                           options, name=name)
         if family is None or family.history == 0:
             return None
+        if self.log is not None:
+            self.log(f"sampler {name}: the correction is fed through its multistep weights ({len(levels) - 1} "
+                     f"levels, {family.history} earlier predictions)")
         return CorrectionFilter(family, levels)
 
     def reset(self) -> None:

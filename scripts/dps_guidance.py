@@ -305,7 +305,7 @@ if scripts is not None:
             except Exception:
                 sigma_min = None
             clock = hooks.SigmaClock("sigma", sigma_min=float(sigma_min) if sigma_min is not None else None,
-                                     sampler=sampler)
+                                     sampler=sampler, log=job.log)
             _capture_schedule(sampler, clock)
 
             def detach_preview() -> None:
@@ -314,7 +314,7 @@ if scripts is not None:
             hooks.DenoiserWrapper.install(denoiser, guidance, job, clock, after_call=detach_preview)
 
         def _hook_forge(self, p, guidance: DPSGuidance, job: hooks.Job) -> None:
-            clock = hooks.SigmaClock("sigma", sampler=getattr(p, "sampler", None))
+            clock = hooks.SigmaClock("sigma", sampler=getattr(p, "sampler", None), log=job.log)
             if getattr(p, "sampler", None) is not None:
                 _capture_schedule(p.sampler, clock)
             unet = p.sd_model.forge_objects.unet.clone()
