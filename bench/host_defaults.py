@@ -107,7 +107,7 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: 
     return x
 
 
-def host_sampler(function, name: str):
+def host_sampler(function, name: str, options: dict | None = None):
     """ComfyUI's sampler ``function`` guided as the node guides it: the prediction at each model call is the guided
     x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
     from types import SimpleNamespace
@@ -119,8 +119,8 @@ def host_sampler(function, name: str):
 
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
         levels = [float(v) for v in sigmas]
-        family = (family_for(name) or probe_family(function, sigmas, {}, {"inner_model": host}, name=name)
-                  if filtered else None)
+        family = (family_for(name, options) or probe_family(function, sigmas, options, {"inner_model": host},
+                                                            name=name) if filtered else None)
         filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
         run.family = family
 
@@ -136,26 +136,26 @@ def host_sampler(function, name: str):
             return result.x0_hat + (filt(s, correction) if filt is not None else correction)
         model.inner_model = host
         torch.manual_seed(seed)
-        return function(model, x, sigmas.clone(), extra_args={"seed": seed}, disable=True)
+        return function(model, x, sigmas.clone(), extra_args={"seed": seed}, callback=None, disable=True,
+                        **(options or {}))
     return run
 
 
 def comfy_samplers(path: str, names: list[str]) -> dict:
-    """ComfyUI's sampler functions for ``names`` from the checkout at ``path`` (imported without its server)."""
+    """ComfyUI's samplers for ``names`` from the checkout at ``path`` (imported without its server): the function
+    and options of its ``sampler_object(name)``, as the KSampler node gets them."""
     sys.path.insert(0, path)
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
-    import comfy.k_diffusion.sampling as ks
-    from comfy.extra_samplers import uni_pc
-    functions = {"uni_pc": uni_pc.sample_unipc, "uni_pc_bh2": uni_pc.sample_unipc_bh2}
+    import comfy.samplers
     out = {}
     for name in names:
-        function = functions.get(name) or getattr(ks, "sample_" + name, None)
-        if function is None:
+        if name not in comfy.samplers.SAMPLER_NAMES:
             raise SystemExit(f"ComfyUI at {path} has no sampler {name!r}")
-        out[name] = host_sampler(function, name)
+        sampler = comfy.samplers.sampler_object(name)
+        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options))
     return out
 
 
@@ -182,12 +182,14 @@ def main() -> int:
     p.add_argument("--plain-multistep", action="store_true",
                    help="feed multistep samplers the rule's correction unfiltered (the behaviour before dps.samplers)")
     p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
+    p.add_argument("--host-functions", action="store_true",
+                   help="with --comfyui: every sampler from ComfyUI, euler and dpmpp_2m included")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     samplers = dict(SAMPLERS)
-    others = [n for n in args.samplers.split(",") if n not in samplers]
+    others = [n for n in args.samplers.split(",") if n not in samplers or args.host_functions]
     if others and not args.comfyui:
         raise SystemExit(f"samplers {others} need --comfyui PATH (ComfyUI's own functions); here: {sorted(SAMPLERS)}")
     if others:
