@@ -107,15 +107,16 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: 
     return x
 
 
-def host_sampler(function, name: str, options: dict | None = None):
+def host_sampler(function, name: str, options: dict | None = None, model_sampling: object | None = None):
     """ComfyUI's sampler ``function`` guided as the node guides it: the prediction at each model call is the guided
     x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
     from types import SimpleNamespace
     from dps.host import schedule_step
     from dps.samplers import probe_family
 
-    host = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda n: object()),   # an ε model
-                           inner_model=SimpleNamespace(model_sampling=object()))
+    ms = model_sampling if model_sampling is not None else object()       # an ε model (not CONST)
+    host = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda n: ms),
+                           inner_model=SimpleNamespace(model_sampling=ms))
 
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
         levels = [float(v) for v in sigmas]
@@ -149,13 +150,16 @@ def comfy_samplers(path: str, names: list[str]) -> dict:
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
+    import comfy.model_sampling
     import comfy.samplers
+    # what LCM, SA-Solver & co. read off the model: an ε model on SD's discrete schedule (ComfyUI's defaults)
+    eps = type("EPSDiscrete", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS), {})()
     out = {}
     for name in names:
         if name not in comfy.samplers.SAMPLER_NAMES:
             raise SystemExit(f"ComfyUI at {path} has no sampler {name!r}")
         sampler = comfy.samplers.sampler_object(name)
-        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options))
+        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options), eps)
     return out
 
 
