@@ -90,7 +90,7 @@ def run_one(config: dict) -> dict:
             surrogate = comfy.taesd.taesd.Decoder(latent_channels=4)
             surrogate.load_state_dict(sd)
             surrogate = surrogate.float().eval().requires_grad_(False)
-        settings = hook.Settings(mode=gradient, vae_gradient=mode)
+        settings = hook.Settings(mode=gradient, vae_gradient=mode, vae_tile=config.get("vae_tile", 0))
         model, patch = hook.apply_dps(fam.model, fam.vae, y_img, op, noise, settings, surrogate=surrogate,
                                       interrupt=mm.throw_exception_if_processing_interrupted,
                                       wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
@@ -114,7 +114,7 @@ def run_one(config: dict) -> dict:
         peak = _status("VmHWM")
     marks = [start] + times
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    out = {"config": config["name"], "size": size, "steps": config["steps"], "finite": bool(torch.isfinite(samples).all()),
+    out = {"config": config["name"], "size": size, "vae_tile": config.get("vae_tile", 0), "steps": config["steps"], "finite": bool(torch.isfinite(samples).all()),
            "warmup_s": round(per_step[0], 2), "step_s": round(sum(per_step[1:]) / max(1, len(per_step) - 1), 2),
            "peak_gib": round(peak / 2**30, 2), "peak_above_gib": round((peak - rss_before) / 2**30, 2),
            "threads": config["threads"]}
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
     parser.add_argument("--tokens", type=int, default=77, help="conditioning length (CLIP: 77)")
+    parser.add_argument("--vae-tile", type=int, default=0, help="the node's vae_tile in pixels (0: the largest that fits)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", action="store_true")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.configs.split(","):
         config = {"name": name, "size": args.size, "steps": args.steps, "threads": args.threads,
-                  "tokens": args.tokens, "pack": pack}
+                  "tokens": args.tokens, "pack": pack, "vae_tile": args.vae_tile}
         result = _child(config, args.timeout)
         print(json.dumps(result), file=sys.stderr, flush=True)
         results.append(result)
