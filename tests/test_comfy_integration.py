@@ -258,17 +258,18 @@ def _progress_texts(url: str, prompt: dict, timeout: float = 600) -> tuple[dict,
                 break
     finally:
         ws.close()
-    return _run_prompt_history(url, body["prompt_id"]), texts
+    return _wait(url, body["prompt_id"], timeout=60), texts
 
 
-def _run_prompt_history(url: str, prompt_id: str, timeout: float = 60) -> dict:
+def _wait(url: str, prompt_id: str, timeout: float = 900) -> dict:
+    """The history of a posted prompt once it has completed (success, error or interrupted)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         history = _get(f"{url}/history/{prompt_id}")
         if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
             return history[prompt_id]
         time.sleep(0.25)
-    pytest.fail(f"prompt {prompt_id} has no history after {timeout} s")
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
 
 
 def test_measure_preview_and_the_residual_on_the_sampler_node(server):

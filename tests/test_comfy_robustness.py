@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_comfy_integration import SR, _get, _post, _run_prompt, _workflow, pytestmark, server, work  # noqa: F401
+from test_comfy_integration import SR, _get, _post, _run_prompt, _wait, _workflow, pytestmark, server, work  # noqa: F401
 
 SAMPLER = "dpmpp_2m"      # a multistep sampler: its correction filter carries state from step to step
 
@@ -83,16 +83,6 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server, change,
     assert "system" in _get(server + "/system_stats")       # still serving
     good = _run_prompt(server, _prompt(plain_seed=None, guided_seed=12))
     assert _residual(good, "15") > 0
-
-
-def _wait(url: str, prompt_id: str, timeout: float = 900) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        history = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-            return history[prompt_id]
-        time.sleep(0.25)
-    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
 
 
 def test_interrupted_guided_prompt_leaves_no_state(server):
