@@ -112,7 +112,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
     from types import SimpleNamespace
     from dps.host import schedule_step
-    from dps.samplers import probe_family
+    from dps.samplers import sampler_family
 
     ms = model_sampling if model_sampling is not None else object()       # an ε model (not CONST)
     host = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda n: ms),
@@ -120,8 +120,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
 
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
         levels = [float(v) for v in sigmas]
-        family = (family_for(name, options) or probe_family(function, sigmas, options, {"inner_model": host},
-                                                            name=name) if filtered else None)
+        family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
         filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
         run.family = family
 

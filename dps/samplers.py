@@ -39,6 +39,7 @@ cannot be told to leave out, mixes the columns or breaks the recursion's stabili
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -172,6 +173,16 @@ def family_for(sampler: str, options: Mapping | None = None):
     return None if make is None else make(dict(options or {}))
 
 
+def level_index(sigma: float, levels: Sequence[float]) -> int | None:
+    """The index of the level ``sigma`` is (relative tolerance 1e-5), None between levels. The first level also
+    matches a σ a little below it: k-diffusion's SDE samplers move a flow model's σ = 1 just inside the valid
+    range."""
+    for i, level in enumerate(levels):
+        if abs(sigma - level) <= 1e-5 * level:
+            return i
+    return 0 if levels and levels[0] * (1 - 1e-3) <= sigma < levels[0] else None
+
+
 class CorrectionFilter:
     """Per sampling run: turns the rule's correction ``c_i`` at schedule level σ_i into the one to feed, ``c'_i``,
     so that the sampler's update receives ``W_i c_i`` (module docstring). Levels the sampler skipped or did not
@@ -184,13 +195,8 @@ class CorrectionFilter:
         self.fed: dict[int, torch.Tensor] = {}
 
     def index(self, sigma: float) -> int | None:
-        """The step whose level is ``sigma`` (None between levels). The first level also matches a σ a little
-        below it: k-diffusion's SDE samplers move a flow model's σ = 1 just inside the valid range."""
-        for i, level in enumerate(self.sigmas[:-1]):
-            if abs(sigma - level) <= 1e-5 * level:
-                return i
-        top = self.sigmas[0] if self.sigmas else 0.0
-        return 0 if top > 0 and top * (1 - 1e-3) <= sigma < top else None
+        """The step whose level is ``sigma`` (None between levels; ``level_index``)."""
+        return level_index(sigma, self.sigmas[:-1])
 
     def __call__(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
         i = self.index(sigma)
@@ -228,8 +234,8 @@ class ProbedFamily:
 class _ProbeModel:
     """The denoiser a probed sampler calls: records (σ, x) and returns the prediction of the call's column."""
 
-    def __init__(self, n: int, columns: int, attributes: Mapping[str, object]) -> None:
-        self.n, self.columns = n, columns
+    def __init__(self, n: int, attributes: Mapping[str, object]) -> None:
+        self.n = n
         self.calls: list[tuple[float, torch.Tensor]] = []
         for key, value in attributes.items():
             setattr(self, key, value)
@@ -241,13 +247,6 @@ class _ProbeModel:
         if k < self.n:
             d[:, k] = 1.0
         return d
-
-
-def _level(sigma: float, levels: Sequence[float]) -> int | None:
-    for i, level in enumerate(levels):
-        if abs(sigma - level) <= 1e-5 * level:
-            return i
-    return 0 if levels and levels[0] * (1 - 1e-3) <= sigma < levels[0] else None
 
 
 def _stable(table: Sequence[Sequence[float]], bound: float = 10.0) -> bool:
@@ -290,11 +289,10 @@ def _probe(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[
     n = len(levels) - 1
     if n < 1:
         return None
-    model = _ProbeModel(n, n + 2, attributes)
+    model = _ProbeModel(n, attributes)
     x = torch.zeros(1, n + 2, 1, 1, dtype=dtype)
     x[:, n], x[:, n + 1] = 1.0, 2.0               # the start's own path, twice: a check of linearity
     try:
-        import inspect
         parameters = inspect.signature(sample).parameters
     except (TypeError, ValueError):
         parameters = {}
@@ -304,7 +302,7 @@ def _probe(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[
         final = sample(model, x.clone(), torch.as_tensor(sigmas).to(dtype).clone(), extra_args={"seed": 0},
                        callback=None, disable=True, **options)
     calls = model.calls
-    if len(calls) != n or [_level(s, levels[:-1]) for s, _ in calls] != list(range(n)):
+    if len(calls) != n or [level_index(s, levels[:-1]) for s, _ in calls] != list(range(n)):
         return None
     states = [c[1].double().flatten() for c in calls] + [torch.as_tensor(final).double().flatten()]
     if any(s.numel() != n + 2 or not torch.isfinite(s).all() for s in states):
@@ -328,3 +326,11 @@ def _probe(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[
             row.pop()
         table.append(tuple(row))
     return tuple(table) if _stable(table) else None
+
+
+def sampler_family(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | Sequence[float],
+                   options: Mapping | None = None, model_attributes: Mapping[str, object] | None = None):
+    """The family of the sampler function ``sample`` for the levels ``sigmas``: the written-out one of its name
+    (``family_for``), else the weights probed from it (``probe_family``); None when it is neither."""
+    name = getattr(sample, "__name__", "")
+    return family_for(name, options) or probe_family(sample, sigmas, options, model_attributes, name=name)

@@ -27,7 +27,7 @@ from dps.autograd_safe import autograd_copy
 from dps.guidance import DPSGuidance
 from dps.host import eps_correction, guided_correction, schedule_step
 from dps.progress import sigma_progress
-from dps.samplers import CorrectionFilter, family_for, probe_family
+from dps.samplers import CorrectionFilter, sampler_family
 from dps.vae_gradient import DecoderGradient
 
 Log = Callable[[str], None]
@@ -120,15 +120,12 @@ class SigmaClock:
         levels = [s for s in self.schedule if s <= self.top * (1 + 1e-5)]
         if len(levels) < 3:
             return None
-        options = sampler_options(self.sampler, func)
-        name = getattr(func, "__name__", "")
-        family = family_for(name, options) or probe_family(func, torch.tensor(levels, dtype=torch.float64),
-                                                          options, name=name)
+        family = sampler_family(func, torch.tensor(levels, dtype=torch.float64), sampler_options(self.sampler, func))
         if family is None or family.history == 0:
             return None
         if self.log is not None:
-            self.log(f"sampler {name}: the correction is fed through its multistep weights ({len(levels) - 1} "
-                     f"levels, {family.history} earlier predictions)")
+            self.log(f"sampler {getattr(func, '__name__', '')}: the correction is fed through its multistep weights "
+                     f"({len(levels) - 1} levels, {family.history} earlier predictions)")
         return CorrectionFilter(family, levels)
 
     def reset(self) -> None:

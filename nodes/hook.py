@@ -35,7 +35,7 @@ from ..dps.guidance import MODES, RULES, DPSGuidance
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
-from ..dps.samplers import CorrectionFilter, family_for, probe_family
+from ..dps.samplers import CorrectionFilter, ProbedFamily, sampler_family
 from ..dps.host import (guided_correction, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
                         normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
@@ -263,16 +263,16 @@ class DPSPatch:
         UniPC, ...); None for a single-step sampler and for one that can be neither (said once per node)."""
         function = getattr(sampler, "sampler_function", None)
         name = getattr(function, "__name__", None) or type(sampler).__name__
-        options = getattr(sampler, "extra_options", None) or {}
         if not isinstance(sigmas, torch.Tensor):
             return None
         ms = patcher.get_model_object("model_sampling") if patcher is not None else None
-        family = family_for(name, options)
-        if family is None and callable(function):
+        family = None
+        if callable(function):
             # what ComfyUI's samplers read off their model (KSamplerX0Inpaint): the guider's patcher and model
             host = SimpleNamespace(model_patcher=patcher, inner_model=SimpleNamespace(model_sampling=ms))
-            family = probe_family(function, sigmas, options, {"inner_model": host}, name=name)
-            if family is not None and name not in self._told:
+            family = sampler_family(function, sigmas, getattr(sampler, "extra_options", None) or {},
+                                    {"inner_model": host})
+            if isinstance(family, ProbedFamily) and name not in self._told:
                 self._told.add(name)
                 log.info("DPS: sampler %s: guidance fed through the weights read off the sampler (%d earlier "
                          "predictions)", name, family.history)

@@ -171,15 +171,7 @@ def server(work):
 def _run_prompt(url: str, prompt: dict, timeout: float = 600) -> dict:
     status, body = _post(url + "/prompt", {"prompt": prompt, "client_id": "dps-test"})
     assert status == 200, body
-    pid = body["prompt_id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        history = _get(f"{url}/history/{pid}")
-        if pid in history and history[pid]["status"].get("completed") is not None and (
-                history[pid]["status"]["status_str"] in ("success", "error")):
-            return history[pid]
-        time.sleep(0.5)
-    pytest.fail(f"prompt {pid} did not finish in {timeout} s")
+    return _wait(url, body["prompt_id"], timeout)
 
 
 def _workflow(operator: dict, sampler: str = "euler", strength: float = STRENGTH, rule: str = "dps") -> dict:

@@ -347,15 +347,19 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
-def test_comfyuis_own_samplers_receive_the_intended_step(tmp_path):
-    script = tmp_path / "families_driver.py"
-    script.write_text(DRIVER)
+def run_driver(script, source: str) -> dict:
+    """Run a driver script with ComfyUI's Python; the JSON it prints after ``RESULT ``."""
+    script.write_text(source)
     out = subprocess.run([PYTHON, str(script), str(ROOT)], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, COMFYUI_PATH=COMFY))
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, out.stderr[-3000:]
-    errors = json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_own_samplers_receive_the_intended_step(tmp_path):
+    errors = run_driver(tmp_path / "families_driver.py", DRIVER)
     assert set(errors) == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
     assert all(e < 1e-9 for e in errors.values()), errors
 
@@ -423,13 +427,7 @@ def test_comfyuis_other_multistep_samplers_receive_the_intended_step_through_the
     """LMS, iPNDM(-v), DEIS, res_multistep (+ ancestral), gradient estimation, ER-SDE and UniPC (bh1, bh2), 8 and 30
     karras steps: the weights probed from ComfyUI's own functions make the guided deviation of the states obey
     δ_{i+1} = a_i δ_i + (1 − a_i) c_i (a_i: the sampler's response to its start)."""
-    script = tmp_path / "probe_driver.py"
-    script.write_text(PROBE_DRIVER)
-    out = subprocess.run([PYTHON, str(script), str(ROOT)], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, COMFYUI_PATH=COMFY))
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, out.stderr[-3000:]
-    errors = json.loads(line[len("RESULT "):])
+    errors = run_driver(tmp_path / "probe_driver.py", PROBE_DRIVER)
     assert len(errors) == 20 and all(e is not None for e in errors.values()), errors
     assert all(e < (1e-3 if k.startswith("uni_pc") else 1e-8) for k, e in errors.items()), errors
 
