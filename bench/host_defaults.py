@@ -112,7 +112,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
     from types import SimpleNamespace
     from dps.host import schedule_step
-    from dps.samplers import sampler_family
+    from dps.samplers import sampler_family, stage_clock
 
     ms = model_sampling if model_sampling is not None else object()       # an ε model (not CONST)
     host = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda n: ms),
@@ -122,18 +122,25 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
         levels = [float(v) for v in sigmas]
         family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
         filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
+        stages = stage_clock(function, sigmas) if filtered else None
         run.family = family
 
         def model(x_, sigma, **kwargs):
             s = float(sigma.flatten()[0])
             i = max(j for j, level in enumerate(levels[:-1]) if level >= s * (1 - 1e-5)) if s < levels[0] else 0
             s_in = x_.new_full((x_.shape[0],), s)
+            if stages is not None and stages.later_stage(s) and stages.later_feed(s) is not None:
+                with torch.no_grad():
+                    return denoise(x_, s_in) + stages.later_feed(s)
             if guidance is None or not guidance.active(step_progress(i, len(levels) - 1)):
                 with torch.no_grad():
                     return denoise(x_, s_in)
             result = guidance.evaluate(x_, lambda z: denoise(z, s_in))
             correction = guided_correction(result, guidance, s, schedule_step(s, sigmas), x_)
-            return result.x0_hat + (filt(s, correction) if filt is not None else correction)
+            correction = filt(s, correction) if filt is not None else correction
+            if stages is not None:
+                correction = stages.first_feed(correction)
+            return result.x0_hat + correction
         model.inner_model = host
         torch.manual_seed(seed)
         return function(model, x, sigmas.clone(), extra_args={"seed": seed}, callback=None, disable=True,

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -59,6 +59,7 @@ __all__ = ["DPSGuidance", "GuidanceResult", "GuidanceDivergedError", "RULES", "M
 
 MODES = ("full", "x0_only")
 ON_NONFINITE = ("raise", "skip")
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)   # torch >= 2.5 / older
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -107,7 +108,12 @@ class DPSGuidance:
         decoder_gradient: a memory-bounded way through the decoder (``dps.vae_gradient``); replaces
             ``decoder``. The gradient is then taken in two parts by the chain rule: the latent gradient
             ``J_Dᵀ ∂d/∂image`` by the planned mode, then (mode "full") that pulled back through the denoiser,
-            so the decoder's and the denoiser's graphs are never held together.
+            so the decoder's graph never grows the denoiser's (the denoiser's graph is held meanwhile).
+        fallback_on_oom: in mode "full", an out-of-memory error (``torch.OutOfMemoryError``, a GPU's) while
+            differentiating through the denoiser frees the graph and redoes the evaluation in mode "x0_only",
+            which keeps only the decoder's (memory-bounded) graph; the guidance then stays in "x0_only" and
+            ``notes`` says why. Host adapters set it (a ComfyUI user's SDXL at 1024 px on a 12-16 GB card runs
+            guided instead of failing, as ComfyUI's own VAE decode retries tiled); off, the error is raised.
     """
 
     operator: Operator
@@ -124,6 +130,8 @@ class DPSGuidance:
     sigma_data: float = 0.5
     inplace_safe: bool = False
     decoder_gradient: DecoderGradient | None = None
+    fallback_on_oom: bool = False
+    notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_callable("operator", self.operator, "a forward model A, e.g. dps.operators.SuperResolution(4)")
@@ -167,6 +175,22 @@ class DPSGuidance:
         the model is differentiated under ``allow_mutation_on_saved_tensors``, which keeps a copy of a saved
         activation when the model mutates it instead of failing the backward pass.
         """
+        if self.mode == "full" and self.fallback_on_oom:
+            try:
+                return self._evaluate(x_t, x0_fn)
+            except _OUT_OF_MEMORY:
+                pass   # the failed graph is released when the handler ends, before the retry below
+            if x_t.is_cuda:
+                torch.cuda.empty_cache()
+            self.mode = "x0_only"
+            note = ("out of memory differentiating through the denoiser (gradient 'full'); guiding with gradient "
+                    "'x0_only' from here on (through the decoder only). Set gradient to x0_only, use the fast "
+                    "decoder or a smaller image to avoid the retry")
+            self.notes.append(note)
+            warnings.warn(f"DPS: {note}", RuntimeWarning, stacklevel=2)
+        return self._evaluate(x_t, x0_fn)
+
+    def _evaluate(self, x_t: torch.Tensor, x0_fn: Callable[[torch.Tensor], torch.Tensor]) -> GuidanceResult:
         mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if self.inplace_safe else nullcontext()
         with torch.inference_mode(False), torch.enable_grad(), mutation:
             x = autograd_safe(x_t).detach().requires_grad_(self.mode == "full")

@@ -334,3 +334,76 @@ def sampler_family(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | S
     (``family_for``), else the weights probed from it (``probe_family``); None when it is neither."""
     name = getattr(sample, "__name__", "")
     return family_for(name, options) or probe_family(sample, sigmas, options, model_attributes, name=name)
+
+
+# Samplers that evaluate the model twice per step, k-diffusion's names: Heun (the second evaluation at σ_{i+1}) and
+# DPM-2 (at the log-midpoint σ_m). Heun++ (a third evaluation at σ_{i+2}, ad hoc weights), DPM-Solver-fast (its
+# own steps) and the ancestral two-stage samplers keep a correction per evaluation (bench/README.md).
+STAGED = ("heun", "dpm_2")
+
+
+class StageClock:
+    """Per sampling run of a sampler with two evaluations per step (``STAGED``): the step's correction is computed
+    at its first evaluation but fed, rescaled, to the second one alone, so that the guided step is the sampler's
+    own step of the prior plus Euler's step of the correction.
+
+    Why: a step ``x_{i+1} = x_i + Δσ (d_1 + d_2)/2`` (Heun) or ``x_i + Δσ d_2`` (DPM-2), ``d = (x − D')/σ``, with
+    a correction in the first evaluation moves the point of the second one, whose prediction then responds to
+    the move in a way nothing controls, and the second slope's factor ``1/σ_{i+1}`` (``1/σ_m``) is large in the
+    last steps where σ falls fastest: a correction recomputed there, or held, is amplified or reversed (Heun,
+    with predictions that ignore x: ``Δσ/2 (−2c_1/σ_i + (c_1 − c_2)/σ_{i+1})``). Fed only to the second
+    evaluation, ``c_2 = s c`` enters the step linearly, ``−Δσ/2 · c_2/σ_{i+1}`` (Heun) or ``−Δσ c_2/σ_m``
+    (DPM-2), so ``s = 2σ_{i+1}/σ_i`` (Heun) and ``s = σ_m/σ_i`` (DPM-2) make it ``−Δσ c/σ_i = (1 − σ_{i+1}/σ_i) c``,
+    Euler's step, which the rules are tuned for, whatever the prediction does. A step to σ = 0 has one
+    evaluation (Euler's), which gets ``c`` itself.
+
+    ``later_stage`` tells the second evaluation of a step (Heun: one below the evaluation just before it, since
+    the next step starts again at the level the predictor reached; DPM-2: one between levels).
+    """
+
+    def __init__(self, kind: str, sigmas: torch.Tensor | Sequence[float]) -> None:
+        if kind not in STAGED:
+            raise ValueError(f"kind must be one of {STAGED}, got {kind!r}")
+        self.kind = kind
+        self.levels = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+        self.previous: float | None = None
+        self.start: float | None = None            # σ of the current step's first evaluation
+        self.correction: torch.Tensor | None = None
+
+    def later_stage(self, sigma: float) -> bool:
+        """Whether the evaluation at ``sigma`` is the second of the current step (call once per evaluation, in
+        order); at a step's first evaluation the last step's correction is dropped."""
+        previous, self.previous = self.previous, sigma
+        if self.kind == "dpm_2":
+            later = level_index(sigma, self.levels[:-1]) is None and previous is not None
+        else:
+            later = previous is not None and sigma < previous * (1 - 1e-5)
+        if not later:
+            self.start, self.correction = sigma, None
+        return later
+
+    def first_feed(self, correction: torch.Tensor) -> torch.Tensor:
+        """What the step's first evaluation adds to its prediction: nothing when a second evaluation follows
+        (``correction`` is kept for it), else ``correction``."""
+        i = level_index(self.start, self.levels[:-1]) if self.start is not None else None
+        if i is None or self.levels[i + 1] <= 0:
+            return correction
+        self.correction = correction
+        return torch.zeros_like(correction)
+
+    def later_feed(self, sigma: float) -> torch.Tensor | None:
+        """What the step's second evaluation at ``sigma`` adds: the kept correction rescaled (class docstring),
+        or None when the step's first evaluation was not guided."""
+        if self.correction is None or not self.start:
+            return None
+        scale = (2 if self.kind == "heun" else 1) * sigma / self.start
+        return self.correction * scale
+
+
+def stage_clock(sample: Callable[..., torch.Tensor] | str, sigmas: torch.Tensor | Sequence[float]
+                ) -> StageClock | None:
+    """The ``StageClock`` of the sampler function (or k-diffusion name) ``sample``; None for a sampler with one
+    evaluation per step, or one whose stages are not known here."""
+    name = sample if isinstance(sample, str) else getattr(sample, "__name__", "")
+    name = name[len("sample_"):] if name.startswith("sample_") else name
+    return StageClock(name, sigmas) if name in STAGED else None

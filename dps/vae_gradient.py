@@ -19,13 +19,19 @@ pass keeps all of them: for the SD1.x/SDXL KL decoder in float32 about 6 GB at 5
   the whole latent with grad and only the upsampling head is tiled (``trunk_tiled_vjp``), so the attention's
   gradient is exact. What stays approximate: the head's receptive field reaching beyond the overlap, and its
   GroupNorms, which normalise a crop with the crop's own statistics (as ComfyUI's tiled VAE decode does) and
-  keep their gradient through the statistics inside the crop. (Fixing the statistics to the whole image's
-  made the gradient worse on a small KL-shaped decoder, cosine 0.93 against 0.985: it drops that term.)
+  keep their gradient through the statistics inside the crop. Normalising the crops with the whole image's
+  statistics and adding the gradient through them by the chain rule, pass after pass (pass k: the paths through
+  k − 1 statistics), is exact in the limit but on ComfyUI's KL decoder (random weights) the passes do not decay
+  until the chain's depth (cosine 0.67, 0.20, 0.19 after 1-3 passes, 0.96 after 12, 1.0 after 20:
+  ``bench/README.md``), so tiles keep the crops' own statistics.
   ``v`` itself always comes from one no-grad decode of the whole latent, so the residual and its norm are
   exact. Measured agreement with "full": ``bench/real_scale.py --check`` (``bench/README.md``).
-* ``"auto"``: ``"full"`` when its estimated memory fits the budget, else ``"checkpointed"``, else ``"tiled"``
-  with the largest tile that fits (``plan``). The estimate counts the bytes autograd saves in a small probe
-  decode and scales them by area (``probe_bytes``).
+* ``"auto"``: ``"full"`` when its estimated memory takes at most ``FULL_SHARE`` of the budget, else
+  ``"checkpointed"`` when that fits, else ``"tiled"`` with the largest tile that fits (``plan``). Checkpointing
+  is exact and costs one more decoder forward pass (1.7 % of a whole guided SD1.5 step at 512 px on CPU, while
+  the step's peak memory fell from 1.61x to 1.29x the unguided step's, ``bench/README.md``), so ``"full"`` is
+  kept for decoders whose backward is small next to the budget (TAESD, small images). The estimate counts the
+  bytes autograd saves in a small probe decode and scales them by area (``probe_bytes``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ VAE_GRADIENTS = ("auto", "full", "checkpointed", "tiled")
 MIN_TILE = 8                # latent pixels (64 image pixels for an 8x VAE)
 DEFAULT_OVERLAP = 8         # latent pixels of context around a tile
 HEADROOM = 1.25             # peak ≈ HEADROOM x the bytes autograd saves; calibrated by bench/real_scale.py
+FULL_SHARE = 0.25           # "auto" takes "full" only when it needs at most this share of the budget
 CHECKPOINT_RATIO = 0.65     # peak of "checkpointed" / peak of "full" on ComfyUI's KL decoder (bench/README.md)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -299,8 +306,8 @@ def plan(requested: str, latent_hw: tuple[int, int], batch: int, bytes_per_pixel
     """Resolve ``requested`` (one of ``VAE_GRADIENTS``) for a latent of ``latent_hw`` and ``batch`` samples.
 
     ``bytes_per_pixel`` comes from ``probe_bytes``; ``budget`` is the memory the gradient may use (bytes).
-    "auto" takes the first of full, checkpointed (estimated at ``checkpoint_ratio`` of full: block inputs and
-    one block's inside are kept) and tiled that fits. ``tile`` = 0 picks the largest tile that fits (at least
+    "auto" takes full when it needs at most ``FULL_SHARE`` of the budget, else the first of checkpointed
+    (estimated at ``checkpoint_ratio`` of full: block inputs and one block's inside are kept) and tiled that fits. ``tile`` = 0 picks the largest tile that fits (at least
     ``MIN_TILE``). Raises ``ValueError`` naming the fix for a tile larger than the latent or a budget
     below what the smallest tile needs.
     """
@@ -317,12 +324,13 @@ def plan(requested: str, latent_hw: tuple[int, int], batch: int, bytes_per_pixel
         return Plan("full", estimate=full, reason="as set")
     if requested == "checkpointed":
         return Plan("checkpointed", estimate=full * checkpoint_ratio, reason="as set")
-    if requested == "auto" and full <= budget:
-        return Plan("full", estimate=full, reason=f"full backward ~{_size(full)} fits {_size(budget)}")
+    if requested == "auto" and full <= FULL_SHARE * budget:
+        return Plan("full", estimate=full, reason=f"full backward ~{_size(full)}, small next to {_size(budget)}")
     checkpointed = full * checkpoint_ratio
     if requested == "auto" and checkpointed <= budget:
         return Plan("checkpointed", estimate=checkpointed,
-                    reason=f"full backward ~{_size(full)} > budget {_size(budget)}")
+                    reason=f"exact, ~{_size(checkpointed)} instead of the full backward's ~{_size(full)} "
+                           f"(budget {_size(budget)})")
 
     def tile_bytes(t: int) -> float:
         return HEADROOM * bytes_per_pixel * min(h, t + 2 * overlap) * min(w, t + 2 * overlap) * batch
@@ -346,8 +354,7 @@ class DecoderGradient:
 
     ``module`` is the decoder network and ``call(module, z)`` decodes a latent (model space) to an image in
     [-1, 1] with it, differentiably (the host adapter undoes its latent format there). The modes call it with
-    views of ``module`` (``checkpointed_view``; ``frozen_norm_view`` for tiles, with the GroupNorm statistics of
-    the whole image recorded during ``image``), so ``module`` is never changed. ``mode`` is one of
+    views of ``module`` (``checkpointed_view``, ``replaced_view``), so ``module`` is never changed. ``mode`` is one of
     ``VAE_GRADIENTS``; ``budget`` the bytes the gradient may use (None: half the free memory of the latent's
     device). The plan is made once per latent shape and kept (``plans``).
     """

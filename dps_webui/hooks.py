@@ -27,7 +27,7 @@ from dps.autograd_safe import autograd_copy
 from dps.guidance import DPSGuidance
 from dps.host import eps_correction, guided_correction, schedule_step
 from dps.progress import sigma_progress
-from dps.samplers import CorrectionFilter, sampler_family
+from dps.samplers import CorrectionFilter, StageClock, sampler_family, stage_clock
 from dps.vae_gradient import DecoderGradient
 
 Log = Callable[[str], None]
@@ -94,6 +94,7 @@ class SigmaClock:
         self.sampler = sampler
         self.log = log
         self.filter: CorrectionFilter | None | bool = None     # False: decided, none
+        self.stages: StageClock | None | bool = None            # False: decided, none
         if schedule is not None:
             self.set_schedule(schedule)
 
@@ -101,15 +102,30 @@ class SigmaClock:
         self.schedule = sorted((float(s) for s in torch.as_tensor(schedule).flatten()), reverse=True)
         self.top = None
         self.filter = None
+        self.stages = None
 
     def feed(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
-        """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is."""
+        """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is
+        (for a sampler with two evaluations per step: kept for the second, ``held``)."""
         if self.filter is None:
             try:
                 self.filter = self._make_filter() or False
             except (TypeError, ValueError):   # an unusual sampler: the correction as is, as before the filter
                 self.filter = False
-        return self.filter(sigma, correction) if self.filter else correction
+        fed = self.filter(sigma, correction) if self.filter else correction
+        return self.stages.first_feed(fed) if self.stages else fed
+
+    def held(self, sigma: float) -> torch.Tensor | None:
+        """For a sampler with two evaluations per step (Heun, DPM2: ``dps.samplers.StageClock``), the correction
+        of the step's second evaluation when the call at ``sigma`` is one, else None; call once per denoiser
+        call, in order."""
+        if self.stages is None:
+            func = getattr(self.sampler, "func", None)
+            usable = self.kind == "sigma" and callable(func) and bool(self.schedule)
+            self.stages = (stage_clock(func, self.schedule) if usable else None) or False
+        if not self.stages:
+            return None
+        return self.stages.later_feed(sigma) if self.stages.later_stage(sigma) else None
 
     def _make_filter(self) -> CorrectionFilter | None:
         """The filter for the levels the sampler runs: the schedule from the first σ seen down (img2img samples
@@ -131,6 +147,7 @@ class SigmaClock:
     def reset(self) -> None:
         self.top = None
         self.last_t = None
+        self.stages = None
 
     def observe(self, sigma: float) -> tuple[float, float | None]:
         if self.top is None or sigma > self.top:
@@ -218,6 +235,11 @@ class DenoiserWrapper:
     def __call__(self, x, sigma, *args, **kwargs):
         s = float(torch.as_tensor(sigma).flatten()[0])
         progress, delta = self.clock.observe(s)
+        held = self.clock.held(s)
+        if held is not None and self.enabled and not self.timesteps:   # a later stage: the step's correction
+            with torch.no_grad():
+                out = self.original(x, sigma, *args, **kwargs)
+            return out + held.to(out)
         if not self.enabled or s <= 0 or not self.guidance.active(progress):
             return self.original(x, sigma, *args, **kwargs)
         holder: dict = {}
@@ -239,6 +261,8 @@ class DenoiserWrapper:
             return self.denoiser.get_pred_x0(x_, out, sigma) if self.timesteps else out
 
         result = self.guidance.evaluate(x, x0_fn)
+        for note in self.guidance.notes:   # e.g. the fall-back to x0_only after running out of memory
+            self.job.note(note)
         self._clean_side_outputs()
         out = holder["out"].detach()
         self.job.record(result.distance, result.skipped)
@@ -316,11 +340,16 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
         denoised = args["denoised"]
         s = float(torch.as_tensor(args["sigma"]).flatten()[0])
         progress, delta = clock.observe(s)
+        held = clock.held(s)
+        if held is not None and state["enabled"]:                  # a later stage: the step's correction
+            return (denoised + held.to(denoised)).to(dtype=denoised.dtype)
         if not state["enabled"] or s <= 0 or not guidance.active(progress):
             return denoised
         try:
             x = args["input"]
             result = guidance.evaluate(x, lambda _x: denoised)
+            for note in guidance.notes:
+                job.note(note)
             job.record(result.distance, result.skipped)
             guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x))
             return guided.to(device=denoised.device, dtype=denoised.dtype)

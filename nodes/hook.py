@@ -35,7 +35,7 @@ from ..dps.guidance import MODES, RULES, DPSGuidance
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
-from ..dps.samplers import CorrectionFilter, ProbedFamily, sampler_family
+from ..dps.samplers import CorrectionFilter, ProbedFamily, StageClock, sampler_family, stage_clock
 from ..dps.host import (guided_correction, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
                         normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
@@ -94,6 +94,7 @@ class RunState:
     distances: list[torch.Tensor] = field(default_factory=list)
     logged: set = field(default_factory=set)
     sampler_filter: CorrectionFilter | None = None
+    stages: StageClock | None = None
 
 
 def _operators(op: Operator) -> list[Operator]:
@@ -214,6 +215,9 @@ class DPSPatch:
         sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
+        function = getattr(sampler, "sampler_function", None)
+        if callable(function) and isinstance(sigmas, torch.Tensor):
+            self.run.stages = stage_clock(function, sigmas)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -224,6 +228,12 @@ class DPSPatch:
         guider = executor.class_obj
         inner = guider.inner_model
         sigma = float(timestep.flatten()[0])
+        stages = self.run.stages if self.run is not None else None
+        if stages is not None and stages.later_stage(sigma):
+            held = stages.later_feed(sigma)                       # a step's second evaluation (Heun, DPM-2)
+            if held is not None:
+                out = executor(x, timestep, model_options, seed)
+                return out + held.to(out)
         if not self._active(sigma, inner, self.settings.start_percent, self.settings.end_percent):
             return executor(x, timestep, model_options, seed)
         if model_options.get("multigpu_clones"):
@@ -244,13 +254,19 @@ class DPSPatch:
 
         result = guidance.evaluate(x, x0_fn)
         self._log_plan(guidance, result.x0_hat)
+        for note in guidance.notes:
+            if note not in self.run.logged:
+                self.run.logged.add(note)
+                log.warning("DPS: %s", note)
         self.run.distances.append(result.distance.cpu())
         if self.report is not None:
-            self.report(progress_text(self.run.distances))
+            self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode))
         correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas), x,
                                        alpha=signal_scale(inner.model_sampling, sigma))
         if self.run.sampler_filter is not None:
             correction = self.run.sampler_filter(sigma, correction)
+        if stages is not None:
+            correction = stages.first_feed(correction)
         out = result.x0_hat + correction
         if self.interrupt is not None:
             self.interrupt()
@@ -293,7 +309,8 @@ class DPSPatch:
         def guidance(decoder_gradient: DecoderGradient) -> DPSGuidance:
             return DPSGuidance(operator=self.operator, noise=self.noise, y=y, zeta=s.zeta, rule=s.rule, mode=s.mode,
                                decoder_gradient=decoder_gradient, on_nonfinite=s.on_nonfinite,
-                               inplace_safe=True)   # ControlNet residuals are added in place in the UNet
+                               inplace_safe=True,   # ControlNet residuals are added in place in the UNet
+                               fallback_on_oom=True)
 
         def gradient(module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                      ratio: int) -> DecoderGradient:
@@ -385,14 +402,16 @@ class DPSPatch:
                      [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances))
 
 
-def progress_text(distances: list[torch.Tensor]) -> str:
+def progress_text(distances: list[torch.Tensor], fell_back: bool = False) -> str:
     """The line shown on the sampler node while it runs: the measurement residual ‖y − A(D(x0_hat))‖ of the
-    first and the latest guided evaluation (the mean over the batch)."""
+    first and the latest guided evaluation (the mean over the batch); ``fell_back``: the gradient fell back to
+    x0_only after running out of memory (``DPSGuidance.fallback_on_oom``)."""
     first, last = (float(d.float().mean()) for d in (distances[0], distances[-1]))
     batch = distances[-1].numel()
     mean = f" (mean of {batch} images)" if batch > 1 else ""
     return (f"DPS: measurement residual ‖y − A(x̂0)‖ {last:.4g}, from {first:.4g} "
-            f"({len(distances)} guided evaluation{'' if len(distances) == 1 else 's'}){mean}")
+            f"({len(distances)} guided evaluation{'' if len(distances) == 1 else 's'}){mean}"
+            + ("; gradient x0_only after running out of memory" if fell_back else ""))
 
 
 def apply_dps(model: Any, vae: Any, measurement: torch.Tensor, operator: Operator, noise: NoiseModel,

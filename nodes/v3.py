@@ -269,11 +269,12 @@ class DPSApply(io.ComfyNode):
                                tooltip="Optional TAESD decoder from models/vae_approx used instead of the VAE: much "
                                        "faster and lighter, a little less exact. Pick the model family's file."),
                 io.Combo.Input("vae_gradient", options=list(VAE_GRADIENTS), default="auto", optional=True,
-                               tooltip="How the gradient goes through the VAE. auto: the first that fits in half the "
-                                       "free memory of full (exact, ~6 GB at 512 px and ~24 GB at 1024 px for an "
-                                       "SD/SDXL VAE in fp32), checkpointed (exact, about a quarter of the memory, one "
-                                       "more VAE decode) or tiled (tiles of the image; least memory, approximate at "
-                                       "the seams). The console says which was used."),
+                               tooltip="How the gradient goes through the VAE: full (exact, ~6 GB at 512 px and "
+                                       "~24 GB at 1024 px for an SD/SDXL VAE in fp32), checkpointed (exact, about "
+                                       "two thirds of that, one more VAE decode) or tiled (tiles of the image; least "
+                                       "memory, approximate at the seams). auto: full when it takes under a quarter "
+                                       "of half the free memory, else checkpointed if that fits, else tiled. The "
+                                       "console says which was used."),
                 io.Int.Input("vae_tile", default=0, min=0, max=8192, step=64, optional=True,
                              tooltip="Tile side in pixels for vae_gradient tiled (0 = the largest that fits in "
                                      "memory). Smaller tiles use less memory and are less exact."),

@@ -261,7 +261,8 @@ if scripts is not None:
                 state.guidance[key] = DPSGuidance(operator, build_noise(settings), y, zeta=settings.zeta,
                                                   rule=settings.rule, mode=mode, decoder_gradient=gradient,
                                                   start=settings.start, end=settings.end, on_nonfinite="skip",
-                                                  sigma_data=LATENT_SIGMA_DATA, inplace_safe=True)
+                                                  sigma_data=LATENT_SIGMA_DATA, inplace_safe=True,
+                                                  fallback_on_oom=True)
             return state.guidance[key]
 
         def _measurement(self, p, settings: DPSSettings, height: int, width: int):

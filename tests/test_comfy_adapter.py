@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -464,6 +466,32 @@ def test_progress_lines_report_the_falling_residual():
     assert count == len(distances)
     assert last == pytest.approx(float(distances[-1][0]), rel=1e-3)
     assert first == pytest.approx(float(distances[0][0]), rel=1e-3) and last < first
+
+
+def test_out_of_memory_through_the_unet_falls_back_to_x0_only_and_the_run_finishes(caplog):
+    """A UNet whose backward does not fit (SDXL at 1024 px on a 12-16 GB card) makes the node guide through
+    the VAE only: the run finishes guided, the log says it once, the node's progress line says it."""
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    lines, graph_calls = [], []
+
+    def hungry(executor, x, *args):
+        if x.requires_grad:
+            graph_calls.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return executor(x, *args)
+
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(mode="full"),
+                                       report=lines.append)
+        guided.add_wrapper_with_key(hook.PREDICT_NOISE, "hungry", hungry)
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run(guided, vae)
+    y = measurement.movedim(-1, 1) * 2 - 1
+    assert graph_calls == [1]
+    assert float(residual(operator, y, out)) < float(residual(operator, y, run(patcher, vae)))
+    assert sum("out of memory" in r.message for r in caplog.records) == 1
+    assert all(line.endswith("gradient x0_only after running out of memory") for line in lines)
 
 
 def test_measure_preview_is_a_viewable_picture():

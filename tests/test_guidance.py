@@ -309,3 +309,42 @@ def test_polyak_with_a_tiny_or_zero_gradient_is_finite_and_bounded(scale):
     assert (step.flatten(1).square().mean(1).sqrt() <= 0.5 * (1 + 1e-5)).all()
     if scale == 0.0:
         assert torch.count_nonzero(step) == 0
+
+
+class _MemoryHungryDenoiser:
+    """Runs out of memory whenever it is differentiated (as the SDXL UNet's backward at 1024 px does on a
+    12-16 GB card); counts the calls made with a graph."""
+
+    def __init__(self) -> None:
+        self.graph_calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            self.graph_calls += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return 0.8 * x
+
+
+def test_out_of_memory_through_the_denoiser_falls_back_to_x0_only_and_says_so():
+    x0, op, y = make_problem()
+    x = x0 + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    hungry = _MemoryHungryDenoiser()
+    guidance = DPSGuidance(op, Gaussian(0.05), y, rule="dps", mode="full", fallback_on_oom=True)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        first = guidance.evaluate(x, hungry)
+    reference = DPSGuidance(op, Gaussian(0.05), y, rule="dps", mode="x0_only").evaluate(x, hungry)
+    torch.testing.assert_close(first.grad, reference.grad)
+    torch.testing.assert_close(first.distance, reference.distance)
+    assert guidance.mode == "x0_only" and len(guidance.notes) == 1 and "x0_only" in guidance.notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # said once, not at every step
+        guidance.evaluate(x, hungry)
+    assert hungry.graph_calls == 1                   # the later steps do not try the full gradient again
+
+
+def test_out_of_memory_is_raised_without_the_fallback():
+    x0, op, y = make_problem()
+    guidance = DPSGuidance(op, Gaussian(0.05), y, rule="dps", mode="full")
+    with pytest.raises(torch.OutOfMemoryError):
+        guidance.evaluate(x0, _MemoryHungryDenoiser())
+    assert guidance.mode == "full" and not guidance.notes

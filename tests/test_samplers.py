@@ -485,3 +485,140 @@ def test_comfy_adapter_keeps_single_step_samplers_and_tells_an_unknown_one_once(
         fakes.run(guided, vae, KSampler(sample_unipc))
     told = [r for r in caplog.records if "sample_unipc" in r.getMessage()]
     assert len(told) == 1 and "single-step" in told[0].getMessage()
+
+
+# ---- samplers with several stages per step: one correction per step -------------------------------------------
+def heun_step(model, x, s, s_next):
+    """k-diffusion's ``sample_heun`` step (no churn): Euler to σ_{i+1}, then the trapezoid of the two slopes."""
+    d = (x - model(x, s)) / s
+    dt = s_next - s
+    if s_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    d_2 = (x_2 - model(x_2, s_next)) / s_next
+    return x + (d + d_2) / 2 * dt
+
+
+def dpm_2_step(model, x, s, s_next):
+    """k-diffusion's ``sample_dpm_2`` step (no churn): the slope at the log-midpoint σ_m."""
+    d = (x - model(x, s)) / s
+    if s_next == 0:
+        return x + d * (s_next - s)
+    s_mid = math.exp((math.log(s) + math.log(s_next)) / 2)
+    x_2 = x + d * (s_mid - s)
+    d_2 = (x_2 - model(x_2, s_mid)) / s_mid
+    return x + d_2 * (s_next - s)
+
+
+STAGED_STEPS = {"heun": heun_step, "dpm_2": dpm_2_step}
+
+
+def _staged_step(step, clock, prediction, correct, x, s, s_next):
+    """One step whose model feeds the correction ``c = correct(x, σ_i)`` as the node does: through ``clock``
+    (computed at the first evaluation, fed to the second), or, without one, recomputed at every evaluation."""
+    def model(x_, sigma):
+        if clock is not None and clock.later_stage(sigma):
+            held = clock.later_feed(sigma)
+            return prediction(x_, sigma) + (held if held is not None else 0)
+        c = correct(x_, sigma)
+        return prediction(x_, sigma) + (clock.first_feed(c) if clock is not None else c)
+    return step(model, x, s, s_next)
+
+
+@pytest.mark.parametrize("name", sorted(STAGED_STEPS))
+def test_a_staged_sampler_takes_its_own_prior_step_plus_eulers_step_of_the_correction(name):
+    """With a prediction that depends on x (nonlinearly), each guided step equals the sampler's unguided step
+    from the same state plus (1 − σ_{i+1}/σ_i) c_i, Euler's step of the correction; a correction recomputed at
+    the second evaluation misses it by far in the last steps."""
+    from dps.samplers import stage_clock
+    sigmas = [14.6, 8.0, 4.0, 1.5, 0.5, 0.1, 0.0]
+    g = torch.Generator().manual_seed(0)
+    base, direction = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    prediction = lambda x, s: torch.tanh(x / (1 + s)) * (1 + s) * 0.9 + base * math.cos(s)
+    correct = lambda x, s: direction * (1 + s) + 0.1 * x           # differs between a step's evaluations
+    zero = lambda x, s: torch.zeros_like(x)
+    step = STAGED_STEPS[name]
+    clock = stage_clock(name, sigmas)
+    x = torch.randn(4, generator=g, dtype=torch.float64) * 14.6
+    errors, errors_recomputed = [], []
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        plain = _staged_step(step, None, prediction, zero, x, s, s_next)
+        intended = plain + (1 - s_next / s) * correct(x, s)
+        recomputed = _staged_step(step, None, prediction, correct, x, s, s_next)
+        x_next = _staged_step(step, clock, prediction, correct, x, s, s_next)
+        scale = float((intended - plain).abs().max())
+        errors.append(float((x_next - intended).abs().max()) / scale)
+        errors_recomputed.append(float((recomputed - intended).abs().max()) / scale)
+        x = x_next
+    assert max(errors) < 1e-12, errors
+    assert max(errors_recomputed) > 0.3, errors_recomputed
+
+
+def test_the_stage_clock_tells_second_evaluations_by_where_they_lie():
+    from dps.samplers import stage_clock
+    levels = [10.0, 5.0, 2.0, 1.0, 0.0]
+    heun = stage_clock("sample_heun", levels)                  # σ_i, then σ_{i+1}; the last step is Euler's
+    assert [heun.later_stage(s) for s in (10, 5, 5, 2, 2, 1, 1)] == [False, True, False, True, False, True, False]
+    dpm_2 = stage_clock("dpm_2", levels)                       # σ_i, then the midpoint
+    assert [dpm_2.later_stage(s) for s in (10, 7.07, 5, 3.16, 2)] == [False, True, False, True, False]
+    assert all(stage_clock(name, levels) is None for name in ("euler", "dpmpp_2m", "heunpp2", "dpm_fast_function"))
+    c = torch.ones(1)
+    assert torch.equal(dpm_2.first_feed(c), torch.zeros(1))   # at σ = 2: the midpoint follows
+    assert torch.equal(dpm_2.later_feed(2 ** 0.5), c * 2 ** 0.5 / 2)
+    dpm_2.later_stage(1.0)                                     # a new step forgets the last step's correction
+    assert dpm_2.later_feed(0.7) is None and torch.equal(dpm_2.first_feed(c), c)   # σ = 1 -> 0: Euler's step
+
+
+STAGED_DRIVER = textwrap.dedent('''
+    import json, math, os, sys
+    sys.path.insert(0, os.environ["COMFYUI_PATH"]); sys.path.insert(0, sys.argv[1])
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.k_diffusion.sampling as ks
+    from dps.samplers import stage_clock
+
+    full = ks.get_sigmas_karras(12, 0.0292, 14.6).double()
+    g = torch.Generator().manual_seed(0)
+    base, direction = (torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    prediction = lambda x, s: torch.tanh(x / (1 + s)) * (1 + s) * 0.9 + base * math.cos(s)
+    correct = lambda x, s: direction * (1 + s) + 0.1 * x
+    out = {}
+    for name in ("heun", "dpm_2"):
+        sample = getattr(ks, "sample_" + name)
+        x, errors = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) * 14.6, []
+        for i in range(len(full) - 1):
+            sigmas = full[i:i + 2].clone()             # one step of ComfyUI's function at a time
+            clock = stage_clock(sample, full)
+            clock.previous = None
+
+            def model(x_, sigma, guided=True, **kw):
+                s = float(sigma.flatten()[0])
+                if clock.later_stage(s):
+                    held = clock.later_feed(s)
+                    return prediction(x_, s) + (held if held is not None and guided else 0)
+                c = correct(x_, s)
+                return prediction(x_, s) + (clock.first_feed(c) if guided else 0)
+
+            plain = sample(lambda x_, sigma, **kw: model(x_, sigma, guided=False), x.clone(), sigmas.clone(),
+                           extra_args={}, disable=True)
+            clock.previous = None
+            x_next = sample(model, x.clone(), sigmas.clone(), extra_args={}, disable=True)
+            s, s_next = float(full[i]), float(full[i + 1])
+            intended = plain + (1 - s_next / s) * correct(x, s)
+            errors.append(float((x_next - intended).abs().max() / ((1 - s_next / s) * correct(x, s)).abs().max()))
+            x = x_next
+        out[name] = max(errors)
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_staged_samplers_take_their_prior_step_plus_eulers_step_of_the_correction(tmp_path):
+    """ComfyUI's own Heun and DPM-2, 12 karras steps (one step at a time, each from the guided state): the
+    guided step is the function's unguided step from the same state plus Euler's step of the correction."""
+    errors = run_driver(tmp_path / "staged_driver.py", STAGED_DRIVER)
+    assert set(errors) == {"heun", "dpm_2"} and all(e < 1e-9 for e in errors.values()), errors

@@ -7,7 +7,7 @@ from torch import nn
 from dps.guidance import DPSGuidance
 from dps.noise import Gaussian
 from dps.operators import GaussianBlur, Inpainting, SuperResolution, box_mask
-from dps.vae_gradient import (HEADROOM, DecoderGradient, checkpointed_view, plain_vjp, plan, probe_bytes, tiled_vjp, tiles,
+from dps.vae_gradient import (FULL_SHARE, HEADROOM, DecoderGradient, checkpointed_view, plain_vjp, plan, probe_bytes, tiled_vjp, tiles,
                               trunk_path, trunk_tiled_vjp)
 
 
@@ -168,9 +168,11 @@ def test_auto_mode_follows_the_budget():
     z = latent((1, 4, 32, 32))
     full = HEADROOM * probe_bytes(decoder, z, module=decoder) * 32 * 32
     roomy = DecoderGradient(decoder, lambda m, z_: m(z_), budget=1e12)
+    ample = DecoderGradient(decoder, lambda m, z_: m(z_), budget=2 * full)      # fits, but not small next to it
     middle = DecoderGradient(decoder, lambda m, z_: m(z_), budget=0.8 * full)
     tight = DecoderGradient(decoder, lambda m, z_: m(z_), budget=0.15 * full, overlap=2)
     assert roomy.plan_for(z).mode == "full"
+    assert ample.plan_for(z).mode == "checkpointed"
     assert middle.plan_for(z).mode == "checkpointed"
     assert tight.plan_for(z).mode == "tiled" and tight.plan_for(z).tile == 8
     v = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
@@ -181,6 +183,8 @@ def test_auto_mode_follows_the_budget():
 def test_plan_picks_by_budget_and_names_the_fix():
     per_px = 1000.0
     assert plan("auto", (64, 64), 1, per_px, budget=1e12).mode == "full"
+    assert plan("auto", (64, 64), 1, per_px, budget=5.2e6 / FULL_SHARE).mode == "full"
+    assert plan("auto", (64, 64), 1, per_px, budget=5.0e6 / FULL_SHARE).mode == "checkpointed"
     assert plan("auto", (64, 64), 1, per_px, budget=4e6).mode == "checkpointed"   # full: 1.25 x 1000 x 64² = 5.1e6
     tiled = plan("auto", (64, 64), 1, per_px, budget=1e6)
     assert tiled.mode == "tiled" and tiled.estimate <= 1e6 and tiled.tile == 8

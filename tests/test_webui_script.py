@@ -96,6 +96,21 @@ def test_a1111_multistep_sampler_gets_the_filtered_correction(webui):
     assert euler_p.sampler.dps_clock.filter is False          # a single-step sampler: the correction as is
 
 
+def test_a1111_heun_feeds_the_steps_correction_to_its_second_evaluation(webui):
+    """Heun evaluates twice per step: the step's correction, computed at the first evaluation, is fed to the
+    second (``StageClock``), so each step is guided once, as in ComfyUI."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    p = host.Processing(sd_model)
+    guided, info = a1111_run(webui, p, args_for(image=upload), host.sample_heun)
+    stages = p.sampler.dps_clock.stages
+    assert stages and stages.kind == "heun"
+    steps = len(p.sampler.dps_clock.schedule) - 1
+    assert p.dps_state.job.guided_calls == steps                 # not 2 x steps - 1
+    plain, _ = a1111_run(webui, host.Processing(sd_model), args_for(enabled=False), host.sample_heun)
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y) and "DPS error" not in info
+
+
 def test_disabled_or_zero_strength_leaves_the_image_unchanged(webui):
     sd_model = host.SdModel()
     _, _, upload = truth_and_measurement(sd_model)
