@@ -122,7 +122,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
         levels = [float(v) for v in sigmas]
         family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
         filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
-        stages = stage_clock(function, sigmas) if filtered else None
+        stages = stage_clock(function, sigmas, options) if filtered else None
         run.family = family
 
         def model(x_, sigma, **kwargs):
@@ -194,6 +194,9 @@ def main() -> int:
     p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
     p.add_argument("--host-functions", action="store_true",
                    help="with --comfyui: every sampler from ComfyUI, euler and dpmpp_2m included")
+    p.add_argument("--scheduler", default="uniform", choices=("uniform", "karras", "exponential"),
+                   help="uniform: evenly spaced timesteps (ComfyUI's normal); karras, exponential: ComfyUI's functions "
+                        "between the prior's smallest and largest σ (needs --comfyui)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -208,7 +211,16 @@ def main() -> int:
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
     denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
+    if args.scheduler != "uniform" and not args.comfyui:
+        raise SystemExit(f"--scheduler {args.scheduler} needs --comfyui PATH (ComfyUI's schedule functions)")
+
     def schedule(steps: int) -> torch.Tensor:
+        if args.scheduler != "uniform":
+            comfy_samplers(args.comfyui, [])              # ComfyUI importable without its server
+            import comfy.k_diffusion.sampling as ks
+            ends = sigma_from_alpha_cumprod(ac[[0, len(ac) - 1]])
+            make = ks.get_sigmas_karras if args.scheduler == "karras" else ks.get_sigmas_exponential
+            return make(steps, float(ends[0]), float(ends[1])).float()    # ends with 0
         t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
         return torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
 
@@ -237,7 +249,8 @@ def main() -> int:
                 print(f"{name:9s} {task:18s} {setting:12s} {row[setting]:6.2f} dB   ({simple} {scores[simple]:.2f}, "
                       f"{best} {scores[best]:.2f})", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps({"steps": args.steps, "images": args.images, "offset": args.offset, "mode": args.mode,
+        print(json.dumps({"steps": args.steps, "scheduler": args.scheduler, "images": args.images,
+                          "offset": args.offset, "mode": args.mode,
                           "start": args.start,
                           "plain_multistep": args.plain_multistep, "psnr": table}))
     return 0

@@ -336,74 +336,122 @@ def sampler_family(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | S
     return family_for(name, options) or probe_family(sample, sigmas, options, model_attributes, name=name)
 
 
-# Samplers that evaluate the model twice per step, k-diffusion's names: Heun (the second evaluation at σ_{i+1}) and
-# DPM-2 (at the log-midpoint σ_m). Heun++ (a third evaluation at σ_{i+2}, ad hoc weights), DPM-Solver-fast (its
-# own steps) and the ancestral two-stage samplers keep a correction per evaluation (bench/README.md).
-STAGED = ("heun", "dpm_2")
+# Samplers that evaluate the model more than once per step, k-diffusion's names: Heun (the second evaluation at
+# σ_{i+1}), DPM-2 (at the log-midpoint σ_m) and DPM-Solver-fast (steps of its own, of 3, 2 or 1 evaluations;
+# ``dpm_fast_function`` is ComfyUI's wrapper of ``sample_dpm_fast``). Heun++ (a third evaluation at σ_{i+2}, ad
+# hoc weights) and the ancestral two-stage samplers keep a correction per evaluation (bench/README.md).
+STAGED = {"heun": "heun", "dpm_2": "dpm_2", "dpm_fast": "dpm_fast", "dpm_fast_function": "dpm_fast"}
+
+
+def dpm_fast_steps(sigmas: Sequence[float]) -> list[tuple[float, float, int]]:
+    """The steps (σ from, σ to, order) of DPM-Solver-fast (Lu et al. 2022, arXiv 2206.00927, §3.4; k-diffusion's
+    ``DPMSolver.dpm_solver_fast`` with η = 0) run for the ``n = len(sigmas) − 1`` evaluations of a schedule from
+    ``sigmas[0]`` to its smallest positive σ, as both hosts run it: ``m = ⌊n/3⌋ + 1`` steps evenly spaced in
+    ``t = −log σ``, of orders 3, ..., 3 then 2, 1 (n divisible by 3) or n mod 3."""
+    positive = [s for s in sigmas if s > 0]
+    n = len(sigmas) - 1
+    m = n // 3 + 1
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    t_start, t_end = -math.log(positive[0]), -math.log(positive[-1])
+    ts = [t_start + (t_end - t_start) * k / m for k in range(m + 1)]
+    return [(math.exp(-ts[k]), math.exp(-ts[k + 1]), order) for k, order in enumerate(orders)]
 
 
 class StageClock:
-    """Per sampling run of a sampler with two evaluations per step (``STAGED``): the step's correction is computed
-    at its first evaluation but fed, rescaled, to the second one alone, so that the guided step is the sampler's
-    own step of the prior plus Euler's step of the correction.
+    """Per sampling run of a sampler with several evaluations per step (``STAGED``): the step's correction is
+    computed at its first evaluation but fed, rescaled, to its last one alone, so that the guided step is the
+    sampler's own step of the prior plus Euler's step of the correction.
 
-    Why: a step ``x_{i+1} = x_i + Δσ (d_1 + d_2)/2`` (Heun) or ``x_i + Δσ d_2`` (DPM-2), ``d = (x − D')/σ``, with
-    a correction in the first evaluation moves the point of the second one, whose prediction then responds to
-    the move in a way nothing controls, and the second slope's factor ``1/σ_{i+1}`` (``1/σ_m``) is large in the
-    last steps where σ falls fastest: a correction recomputed there, or held, is amplified or reversed (Heun,
-    with predictions that ignore x: ``Δσ/2 (−2c_1/σ_i + (c_1 − c_2)/σ_{i+1})``). Fed only to the second
-    evaluation, ``c_2 = s c`` enters the step linearly, ``−Δσ/2 · c_2/σ_{i+1}`` (Heun) or ``−Δσ c_2/σ_m``
-    (DPM-2), so ``s = 2σ_{i+1}/σ_i`` (Heun) and ``s = σ_m/σ_i`` (DPM-2) make it ``−Δσ c/σ_i = (1 − σ_{i+1}/σ_i) c``,
-    Euler's step, which the rules are tuned for, whatever the prediction does. A step to σ = 0 has one
-    evaluation (Euler's), which gets ``c`` itself.
+    Why: a correction fed to the first evaluation moves the points of the later ones, whose predictions then
+    respond to the move in a way nothing controls, and the later slopes' factors (Heun: ``1/σ_{i+1}``, DPM-2:
+    ``1/σ_m``) are large in the last steps where σ falls fastest: a correction recomputed there, or held, is
+    amplified or reversed (Heun, with predictions that ignore x: ``Δσ/2 (−2c_1/σ_i + (c_1 − c_2)/σ_{i+1})``).
+    Fed to the last evaluation only, ``c_last = s c`` enters the step linearly, so ``s`` is chosen to make its
+    part ``(1 − σ_{i+1}/σ_i) c``, Euler's step, which the rules are tuned for, whatever the prediction does:
 
-    ``later_stage`` tells the second evaluation of a step (Heun: one below the evaluation just before it, since
-    the next step starts again at the level the predictor reached; DPM-2: one between levels).
+    * Heun, ``x_{i+1} = x_i + Δσ (d_1 + d_2)/2`` with ``d = (x − D')/σ``: part ``−Δσ/2 · c_2/σ_{i+1}``, so
+      ``s = 2σ_{i+1}/σ_i``;
+    * DPM-2, ``x_{i+1} = x_i + Δσ d_m``: part ``−Δσ c_m/σ_m``, so ``s = σ_m/σ_i``;
+    * DPM-Solver-fast in ``t = −log σ``, ``h = t_{i+1} − t_i``, with ``ε' = ε − c/σ``: its 2nd-order step
+      (``r_1 = 1/2``) puts ``σ_{i+1}/(2r_1) (e^h − 1) c_1/σ_{s_1}`` on x, so ``s = σ_{s_1}/σ_i``; its 3rd-order step
+      (``r_2 = 2/3``) ``σ_{i+1}/r_2 · ((e^h − 1)/h − 1) c_2/σ_{s_2}``, so ``s = r_2 σ_{s_2}(e^h − 1)/(σ_i ((e^h −
+      1)/h − 1))``; its first-order step (DDIM's) has one evaluation.
+
+    A step to σ = 0 has one evaluation (Euler's), which gets ``c`` itself. ``later_stage`` tells a step's later
+    evaluations: Heun's are below the evaluation just before them (the next step starts again at the level the
+    predictor reached), DPM-2's lie between the schedule's levels, DPM-Solver-fast's between its own steps.
     """
 
     def __init__(self, kind: str, sigmas: torch.Tensor | Sequence[float]) -> None:
-        if kind not in STAGED:
-            raise ValueError(f"kind must be one of {STAGED}, got {kind!r}")
+        if kind not in set(STAGED.values()):
+            raise ValueError(f"kind must be one of {sorted(set(STAGED.values()))}, got {kind!r}")
         self.kind = kind
         self.levels = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+        self.steps = dpm_fast_steps(self.levels) if kind == "dpm_fast" else None
+        self.starts = [start for start, _, _ in self.steps] if self.steps else self.levels[:-1]
         self.previous: float | None = None
         self.start: float | None = None            # σ of the current step's first evaluation
+        self.stage = 0                             # evaluations of the current step so far, minus one
         self.correction: torch.Tensor | None = None
 
     def later_stage(self, sigma: float) -> bool:
-        """Whether the evaluation at ``sigma`` is the second of the current step (call once per evaluation, in
+        """Whether the evaluation at ``sigma`` is a later one of the current step (call once per evaluation, in
         order); at a step's first evaluation the last step's correction is dropped."""
         previous, self.previous = self.previous, sigma
-        if self.kind == "dpm_2":
-            later = level_index(sigma, self.levels[:-1]) is None and previous is not None
-        else:
+        if self.kind == "heun":
             later = previous is not None and sigma < previous * (1 - 1e-5)
-        if not later:
-            self.start, self.correction = sigma, None
+        else:
+            later = level_index(sigma, self.starts) is None and previous is not None
+        if later:
+            self.stage += 1
+        else:
+            self.start, self.stage, self.correction = sigma, 0, None
         return later
 
+    def _step(self) -> tuple[float, int] | None:
+        """(σ the step ends at, its number of evaluations) of the current step; None off the levels."""
+        i = level_index(self.start, self.starts) if self.start is not None else None
+        if i is None:
+            return None
+        if self.steps is not None:
+            return self.steps[i][1], self.steps[i][2]
+        end = self.levels[i + 1]
+        return end, (2 if end > 0 else 1)
+
     def first_feed(self, correction: torch.Tensor) -> torch.Tensor:
-        """What the step's first evaluation adds to its prediction: nothing when a second evaluation follows
-        (``correction`` is kept for it), else ``correction``."""
-        i = level_index(self.start, self.levels[:-1]) if self.start is not None else None
-        if i is None or self.levels[i + 1] <= 0:
+        """What the step's first evaluation adds to its prediction: nothing when later evaluations follow
+        (``correction`` is kept for the last one), else ``correction``."""
+        step = self._step()
+        if step is None or step[1] == 1:
             return correction
         self.correction = correction
         return torch.zeros_like(correction)
 
     def later_feed(self, sigma: float) -> torch.Tensor | None:
-        """What the step's second evaluation at ``sigma`` adds: the kept correction rescaled (class docstring),
-        or None when the step's first evaluation was not guided."""
-        if self.correction is None or not self.start:
+        """What a later evaluation at ``sigma`` adds: the kept correction rescaled at the step's last evaluation
+        (class docstring), nothing before it; None when the step's first evaluation was not guided."""
+        step = self._step()
+        if self.correction is None or step is None:
             return None
-        scale = (2 if self.kind == "heun" else 1) * sigma / self.start
+        end, evaluations = step
+        if self.stage < evaluations - 1:
+            return torch.zeros_like(self.correction)
+        if self.kind == "heun":
+            scale = 2 * sigma / self.start
+        elif self.kind == "dpm_2" or evaluations == 2:
+            scale = sigma / self.start
+        else:
+            h = math.log(self.start / end)
+            scale = (2 / 3) * sigma * math.expm1(h) / (self.start * (math.expm1(h) / h - 1))
         return self.correction * scale
 
 
-def stage_clock(sample: Callable[..., torch.Tensor] | str, sigmas: torch.Tensor | Sequence[float]
-                ) -> StageClock | None:
-    """The ``StageClock`` of the sampler function (or k-diffusion name) ``sample``; None for a sampler with one
-    evaluation per step, or one whose stages are not known here."""
+def stage_clock(sample: Callable[..., torch.Tensor] | str, sigmas: torch.Tensor | Sequence[float],
+                options: Mapping | None = None) -> StageClock | None:
+    """The ``StageClock`` of the sampler function (or k-diffusion name) ``sample`` with ``options`` (eta); None for
+    a sampler with one evaluation per step, or one whose stages are not known here."""
     name = sample if isinstance(sample, str) else getattr(sample, "__name__", "")
     name = name[len("sample_"):] if name.startswith("sample_") else name
-    return StageClock(name, sigmas) if name in STAGED else None
+    if name not in STAGED or float((options or {}).get("eta", 0.0) or 0.0) != 0.0:
+        return None     # DPM-Solver-fast with η > 0 (the WebUI's default eta) takes other steps
+    return StageClock(STAGED[name], sigmas)

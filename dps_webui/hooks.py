@@ -106,7 +106,7 @@ class SigmaClock:
 
     def feed(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
         """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is
-        (for a sampler with two evaluations per step: kept for the second, ``held``)."""
+        (for a sampler with several evaluations per step: kept for the last, ``held``)."""
         if self.filter is None:
             try:
                 self.filter = self._make_filter() or False
@@ -116,13 +116,14 @@ class SigmaClock:
         return self.stages.first_feed(fed) if self.stages else fed
 
     def held(self, sigma: float) -> torch.Tensor | None:
-        """For a sampler with two evaluations per step (Heun, DPM2: ``dps.samplers.StageClock``), the correction
-        of the step's second evaluation when the call at ``sigma`` is one, else None; call once per denoiser
-        call, in order."""
+        """For a sampler with several evaluations per step (Heun, DPM2, DPM fast: ``dps.samplers.StageClock``),
+        what a later evaluation of the step adds when the call at ``sigma`` is one, else None; call once per
+        denoiser call, in order."""
         if self.stages is None:
             func = getattr(self.sampler, "func", None)
             usable = self.kind == "sigma" and callable(func) and bool(self.schedule)
-            self.stages = (stage_clock(func, self.schedule) if usable else None) or False
+            self.stages = (stage_clock(func, self.schedule, sampler_options(self.sampler, func)) if usable
+                           else None) or False
         if not self.stages:
             return None
         return self.stages.later_feed(sigma) if self.stages.later_stage(sigma) else None

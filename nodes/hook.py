@@ -217,7 +217,7 @@ class DPSPatch:
         self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
         function = getattr(sampler, "sampler_function", None)
         if callable(function) and isinstance(sigmas, torch.Tensor):
-            self.run.stages = stage_clock(function, sigmas)
+            self.run.stages = stage_clock(function, sigmas, getattr(sampler, "extra_options", None) or {})
         try:
             return executor(*args, **kwargs)
         finally:
@@ -230,7 +230,7 @@ class DPSPatch:
         sigma = float(timestep.flatten()[0])
         stages = self.run.stages if self.run is not None else None
         if stages is not None and stages.later_stage(sigma):
-            held = stages.later_feed(sigma)                       # a step's second evaluation (Heun, DPM-2)
+            held = stages.later_feed(sigma)           # a step's later evaluation (Heun, DPM-2, DPM-Solver-fast)
             if held is not None:
                 out = executor(x, timestep, model_options, seed)
                 return out + held.to(out)

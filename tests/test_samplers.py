@@ -343,6 +343,41 @@ DRIVER = textwrap.dedent('''
             errors.append(float((part - w * corrections[n - 1]).abs().max()))
             previous = diff
         out[name] = max(errors)
+
+    # DPM-Solver-fast: its own steps, each of ComfyUI's DPMSolver step functions guided through the clock; and the
+    # clock's labels along a whole sample_dpm_fast run (as ComfyUI's dpm_fast_function calls it)
+    from dps.samplers import dpm_fast_steps
+    for n in (7, 9):
+        levels = ks.get_sigmas_karras(n, 0.0292, 14.6).double()
+        clock = stage_clock("dpm_fast_function", levels)
+        x, errors = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) * 14.6, []
+
+        def guided(x_, sigma, **kw):
+            s = float(sigma.flatten()[0])
+            if clock.later_stage(s):
+                held = clock.later_feed(s)
+                return prediction(x_, s) + (held if held is not None else 0)
+            return prediction(x_, s) + clock.first_feed(correct(x_, s))
+
+        for s, s_next, order in dpm_fast_steps([float(v) for v in levels]):
+            t, t_next = torch.tensor(-math.log(s), dtype=torch.float64), torch.tensor(-math.log(s_next), dtype=torch.float64)
+            def one(model):
+                solver = ks.DPMSolver(model, extra_args={})
+                return getattr(solver, f"dpm_solver_{order}_step")(x, t, t_next)[0]
+            plain = one(lambda x_, sigma, **kw: prediction(x_, float(sigma.flatten()[0])))
+            x_next = one(guided)
+            part = (1 - s_next / s) * correct(x, s)
+            errors.append(float((x_next - plain - part).abs().max() / part.abs().max()))
+            x = x_next
+        out[f"dpm_fast/{n}"] = max(errors)
+        labels, clock = [], stage_clock("dpm_fast_function", levels)
+        def recorder(x_, sigma, **kw):
+            labels.append(clock.later_stage(float(sigma.flatten()[0])))
+            return prediction(x_, float(sigma.flatten()[0]))
+        ks.sample_dpm_fast(recorder, torch.zeros(1, 2, 2, 2, dtype=torch.float64), levels[-2], levels[0], n, disable=True)
+        expected = [later for _, _, order in dpm_fast_steps([float(v) for v in levels])
+                    for later in [False] + [True] * (order - 1)]
+        out[f"dpm_fast/{n}/labels"] = labels == expected
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -562,12 +597,72 @@ def test_the_stage_clock_tells_second_evaluations_by_where_they_lie():
     assert [heun.later_stage(s) for s in (10, 5, 5, 2, 2, 1, 1)] == [False, True, False, True, False, True, False]
     dpm_2 = stage_clock("dpm_2", levels)                       # σ_i, then the midpoint
     assert [dpm_2.later_stage(s) for s in (10, 7.07, 5, 3.16, 2)] == [False, True, False, True, False]
-    assert all(stage_clock(name, levels) is None for name in ("euler", "dpmpp_2m", "heunpp2", "dpm_fast_function"))
+    assert all(stage_clock(name, levels) is None for name in ("euler", "dpmpp_2m", "heunpp2"))
+    assert stage_clock("dpm_fast", levels, {"eta": 1.0}) is None     # η > 0: other steps
     c = torch.ones(1)
     assert torch.equal(dpm_2.first_feed(c), torch.zeros(1))   # at σ = 2: the midpoint follows
-    assert torch.equal(dpm_2.later_feed(2 ** 0.5), c * 2 ** 0.5 / 2)
+    assert dpm_2.later_stage(2 ** 0.5) and torch.equal(dpm_2.later_feed(2 ** 0.5), c * 2 ** 0.5 / 2)
     dpm_2.later_stage(1.0)                                     # a new step forgets the last step's correction
     assert dpm_2.later_feed(0.7) is None and torch.equal(dpm_2.first_feed(c), c)   # σ = 1 -> 0: Euler's step
+
+
+def dpm_solver_step(model, x, s, s_next, order):
+    """One step of k-diffusion's ``DPMSolver`` (``dpm_solver_1/2/3_step``) in t = −log σ, ε = (x − D)/σ."""
+    sigma = lambda t: math.exp(-t)
+    eps = lambda x_, t: (x_ - model(x_, sigma(t))) / sigma(t)
+    t, t_next = -math.log(s), -math.log(s_next)
+    h = t_next - t
+    e = eps(x, t)
+    if order == 1:
+        return x - sigma(t_next) * math.expm1(h) * e
+    if order == 2:
+        r1 = 1 / 2
+        s1 = t + r1 * h
+        u1 = x - sigma(s1) * math.expm1(r1 * h) * e
+        e1 = eps(u1, s1)
+        return x - sigma(t_next) * math.expm1(h) * e - sigma(t_next) / (2 * r1) * math.expm1(h) * (e1 - e)
+    r1, r2 = 1 / 3, 2 / 3
+    s1, s2 = t + r1 * h, t + r2 * h
+    u1 = x - sigma(s1) * math.expm1(r1 * h) * e
+    e1 = eps(u1, s1)
+    u2 = (x - sigma(s2) * math.expm1(r2 * h) * e
+          - sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e))
+    e2 = eps(u2, s2)
+    return x - sigma(t_next) * math.expm1(h) * e - sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (e2 - e)
+
+
+@pytest.mark.parametrize("n", [7, 8, 9])
+def test_dpm_fast_takes_its_own_prior_step_plus_eulers_step_of_the_correction(n):
+    """DPM-Solver-fast's steps (orders 3, ..., then n mod 3, or 2 and 1): each guided step is the unguided one
+    from the same state plus (1 − σ_{i+1}/σ_i) c_i; the clock's stage labels follow the solver's evaluations."""
+    from dps.samplers import dpm_fast_steps, stage_clock
+    schedule = [14.6 * (0.02 / 14.6) ** (k / (n - 1)) for k in range(n)] + [0.0]
+    steps = dpm_fast_steps(schedule)
+    assert sum(order for _, _, order in steps) == n
+    assert steps[0][0] == pytest.approx(14.6) and steps[-1][1] == pytest.approx(0.02)
+    g = torch.Generator().manual_seed(0)
+    base, direction = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    prediction = lambda x, s: torch.tanh(x / (1 + s)) * (1 + s) * 0.9 + base * math.cos(s)
+    correct = lambda x, s: direction * (1 + s) + 0.1 * x
+    clock = stage_clock("dpm_fast_function", schedule)
+    x = torch.randn(4, generator=g, dtype=torch.float64) * 14.6
+    for s, s_next, order in steps:
+        plain = dpm_solver_step(prediction, x, s, s_next, order)
+        seen = []
+
+        def model(x_, sigma):
+            seen.append(clock.later_stage(sigma))
+            if seen[-1]:
+                held = clock.later_feed(sigma)
+                return prediction(x_, sigma) + (held if held is not None else 0)
+            return prediction(x_, sigma) + clock.first_feed(correct(x_, sigma))
+
+        x_next = dpm_solver_step(model, x, s, s_next, order)
+        assert seen == [False] + [True] * (order - 1)
+        intended = plain + (1 - s_next / s) * correct(x, s)
+        scale = float(((1 - s_next / s) * correct(x, s)).abs().max())
+        assert float((x_next - intended).abs().max()) < 1e-7 * scale, (order, s)   # float64 rounding of x ~ 30
+        x = x_next
 
 
 STAGED_DRIVER = textwrap.dedent('''
@@ -612,13 +707,53 @@ STAGED_DRIVER = textwrap.dedent('''
             errors.append(float((x_next - intended).abs().max() / ((1 - s_next / s) * correct(x, s)).abs().max()))
             x = x_next
         out[name] = max(errors)
+
+    # DPM-Solver-fast: its own steps, each of ComfyUI's DPMSolver step functions guided through the clock; and the
+    # clock's labels along a whole sample_dpm_fast run (as ComfyUI's dpm_fast_function calls it)
+    from dps.samplers import dpm_fast_steps
+    for n in (7, 9):
+        levels = ks.get_sigmas_karras(n, 0.0292, 14.6).double()
+        clock = stage_clock("dpm_fast_function", levels)
+        x, errors = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) * 14.6, []
+
+        def guided(x_, sigma, **kw):
+            s = float(sigma.flatten()[0])
+            if clock.later_stage(s):
+                held = clock.later_feed(s)
+                return prediction(x_, s) + (held if held is not None else 0)
+            return prediction(x_, s) + clock.first_feed(correct(x_, s))
+
+        for s, s_next, order in dpm_fast_steps([float(v) for v in levels]):
+            t, t_next = torch.tensor(-math.log(s), dtype=torch.float64), torch.tensor(-math.log(s_next), dtype=torch.float64)
+            def one(model):
+                solver = ks.DPMSolver(model, extra_args={})
+                return getattr(solver, f"dpm_solver_{order}_step")(x, t, t_next)[0]
+            plain = one(lambda x_, sigma, **kw: prediction(x_, float(sigma.flatten()[0])))
+            x_next = one(guided)
+            part = (1 - s_next / s) * correct(x, s)
+            errors.append(float((x_next - plain - part).abs().max() / part.abs().max()))
+            x = x_next
+        out[f"dpm_fast/{n}"] = max(errors)
+        labels, clock = [], stage_clock("dpm_fast_function", levels)
+        def recorder(x_, sigma, **kw):
+            labels.append(clock.later_stage(float(sigma.flatten()[0])))
+            return prediction(x_, float(sigma.flatten()[0]))
+        ks.sample_dpm_fast(recorder, torch.zeros(1, 2, 2, 2, dtype=torch.float64), levels[-2], levels[0], n, disable=True)
+        expected = [later for _, _, order in dpm_fast_steps([float(v) for v in levels])
+                    for later in [False] + [True] * (order - 1)]
+        out[f"dpm_fast/{n}/labels"] = labels == expected
     print("RESULT " + json.dumps(out))
 ''')
 
 
 @pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
 def test_comfyuis_staged_samplers_take_their_prior_step_plus_eulers_step_of_the_correction(tmp_path):
-    """ComfyUI's own Heun and DPM-2, 12 karras steps (one step at a time, each from the guided state): the
-    guided step is the function's unguided step from the same state plus Euler's step of the correction."""
-    errors = run_driver(tmp_path / "staged_driver.py", STAGED_DRIVER)
-    assert set(errors) == {"heun", "dpm_2"} and all(e < 1e-9 for e in errors.values()), errors
+    """ComfyUI's own Heun and DPM-2, 12 karras steps (one step at a time, each from the guided state), and the
+    steps of its DPM-Solver-fast (7 and 9 evaluations): the guided step is the function's unguided step from the
+    same state plus Euler's step of the correction; the clock labels a whole ``sample_dpm_fast`` run's
+    evaluations as its steps make them."""
+    out = run_driver(tmp_path / "staged_driver.py", STAGED_DRIVER)
+    errors = {k: v for k, v in out.items() if not k.endswith("/labels")}
+    assert set(errors) == {"heun", "dpm_2", "dpm_fast/7", "dpm_fast/9"}, out
+    assert all(e < 1e-7 for e in errors.values()), errors
+    assert out["dpm_fast/7/labels"] is True and out["dpm_fast/9/labels"] is True
