@@ -343,41 +343,6 @@ DRIVER = textwrap.dedent('''
             errors.append(float((part - w * corrections[n - 1]).abs().max()))
             previous = diff
         out[name] = max(errors)
-
-    # DPM-Solver-fast: its own steps, each of ComfyUI's DPMSolver step functions guided through the clock; and the
-    # clock's labels along a whole sample_dpm_fast run (as ComfyUI's dpm_fast_function calls it)
-    from dps.samplers import dpm_fast_steps
-    for n in (7, 9):
-        levels = ks.get_sigmas_karras(n, 0.0292, 14.6).double()
-        clock = stage_clock("dpm_fast_function", levels)
-        x, errors = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) * 14.6, []
-
-        def guided(x_, sigma, **kw):
-            s = float(sigma.flatten()[0])
-            if clock.later_stage(s):
-                held = clock.later_feed(s)
-                return prediction(x_, s) + (held if held is not None else 0)
-            return prediction(x_, s) + clock.first_feed(correct(x_, s))
-
-        for s, s_next, order in dpm_fast_steps([float(v) for v in levels]):
-            t, t_next = torch.tensor(-math.log(s), dtype=torch.float64), torch.tensor(-math.log(s_next), dtype=torch.float64)
-            def one(model):
-                solver = ks.DPMSolver(model, extra_args={})
-                return getattr(solver, f"dpm_solver_{order}_step")(x, t, t_next)[0]
-            plain = one(lambda x_, sigma, **kw: prediction(x_, float(sigma.flatten()[0])))
-            x_next = one(guided)
-            part = (1 - s_next / s) * correct(x, s)
-            errors.append(float((x_next - plain - part).abs().max() / part.abs().max()))
-            x = x_next
-        out[f"dpm_fast/{n}"] = max(errors)
-        labels, clock = [], stage_clock("dpm_fast_function", levels)
-        def recorder(x_, sigma, **kw):
-            labels.append(clock.later_stage(float(sigma.flatten()[0])))
-            return prediction(x_, float(sigma.flatten()[0]))
-        ks.sample_dpm_fast(recorder, torch.zeros(1, 2, 2, 2, dtype=torch.float64), levels[-2], levels[0], n, disable=True)
-        expected = [later for _, _, order in dpm_fast_steps([float(v) for v in levels])
-                    for later in [False] + [True] * (order - 1)]
-        out[f"dpm_fast/{n}/labels"] = labels == expected
     print("RESULT " + json.dumps(out))
 ''')
 
