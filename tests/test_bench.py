@@ -83,3 +83,16 @@ def test_deepinv_dps_runs_on_the_same_problem():
     uncond = bench.run_method("unconditional", None, problem, ref, 50, 300, seed=0)
     dinv = bench.run_method("deepinv_dps", 3.0, problem, ref, 50, 300, seed=0)
     assert dinv["sw"] < 0.6 * uncond["sw"]
+
+
+def test_few_steps_runs_both_paths_and_reports_psnr_and_residual():
+    """``bench/few_steps.py`` (issue 11, item 2) on one digit and a few steps: both the official loop and the
+    host path, each with a PSNR and a residual over the noise floor; the host's Polyak rule ends near 1."""
+    cmd = [sys.executable, "bench/few_steps.py", "--images", "1", "--steps", "8", "--official-steps", "20",
+           "--tasks", "box_inpainting", "--samplers", "euler", "--json", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout)["tasks"]["box_inpainting"]
+    assert set(row) == {"official ddpm 20 dps:30", "euler 8 polyak:1"}, row     # ζ 3 at 200 steps, rescaled
+    assert all(v["psnr"] > 10 and v["residual"] > 0 for v in row.values()), row
+    assert 0.5 < row["euler 8 polyak:1"]["residual"] < 1.5, row                 # Polyak reaches the noise floor

@@ -158,3 +158,16 @@ def test_guidance_result_is_untouched_by_the_rules():
     before = GuidanceResult(result.x0_hat.clone(), result.distance.clone(), result.grad.clone())
     guided_denoised(result, guidance, 2.0, 0.5, x)
     assert torch.equal(result.grad, before.grad) and torch.equal(result.x0_hat, before.x0_hat)
+
+
+def test_polyak_never_removes_more_than_the_whole_excess_in_one_step():
+    """An Euler step removes ζΔσ/σ of the excess residual; the rule caps that fraction at 1 (ζ = 3 on the last
+    step to σ = 0 would otherwise overshoot past the noise floor threefold) and leaves ζ ≤ 1 alone."""
+    grad = torch.ones(1, 1, 2, 2)
+    polyak = rules.get_rule("polyak")
+    assert torch.equal(polyak.denoised_correction(grad, 1.0, 1.0, 3.0), -grad)          # last step: all of it
+    assert torch.equal(polyak.denoised_correction(grad, 2.0, 0.5, 3.0), -3.0 * grad)    # 3 x 0.25 < 1: as is
+    assert torch.equal(polyak.denoised_correction(grad, 2.0, 1.0, 3.0), -2.0 * grad)    # capped at σ/Δσ = 2
+    assert torch.equal(polyak.denoised_correction(grad, 1.0, 1.0, 1.0), -grad)          # ζ = 1: never capped
+    assert torch.equal(polyak.denoised_correction(grad, 1.0, None, 3.0), -3.0 * grad)   # step unknown: as is
+    assert polyak.ddpm_step_size(30.0, 0.5, 0.01) == 1.0

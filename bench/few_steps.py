@@ -1,0 +1,100 @@
+"""Few host steps against the official 1000-step DPS, on the project's pixel prior (issue 11, item 2).
+
+The official loop: ancestral DDPM, 1000 steps, rule ``dps`` with the demo's tuned ζ (``dps.app.tuned``: ζ = 3 at
+200 steps, rescaled to 0.6 at 1000), x0_hat clipped as the official code does. The host path: the prior as a
+k-diffusion denoiser D(x, σ) (``host_defaults.denoiser_from_eps``), the host's "normal" schedule, Euler or
+Euler ancestral, guidance through ``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1,
+gradient ``full``) unless ``--settings`` says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
+noise σ = 0.05; PSNR (dB) per task, and the final residual ‖y − A(x)‖ over its noise floor E‖n‖ (1 = fits the
+data as well as the truth does).
+
+    python bench/few_steps.py --json > bench/results/few_steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
+from dps.app import DemoSettings, load_setup, measure, psnr  # noqa: E402
+from dps.app.tuned import guidance_for  # noqa: E402
+from dps.sampling import ddpm_sample  # noqa: E402
+from host_defaults import denoiser_from_eps, euler, euler_ancestral  # noqa: E402
+
+HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
+
+
+def residual_ratio(op, y: torch.Tensor, x: torch.Tensor, noise: Gaussian) -> float:
+    """Mean over the batch of ‖y − A(x)‖ / E‖n‖."""
+    with torch.no_grad():
+        d = noise.distance(y, op(x))
+    floor = noise.expected_distance(y[:1])
+    return float((d / floor).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--tasks", default="super_resolution,box_inpainting,gaussian_deblur")
+    p.add_argument("--steps", default="30", help="host step counts (comma-separated)")
+    p.add_argument("--samplers", default="euler,euler_ancestral")
+    p.add_argument("--settings", default="polyak:1", help="host rule:zeta pairs (comma-separated)")
+    p.add_argument("--mode", default="full", choices=("full", "x0_only"))
+    p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
+    p.add_argument("--official-steps", type=int, default=1000, help="0 leaves the official loop out")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = DemoSettings(images=args.images, offset=args.offset, latent=False)
+    setup = load_setup(s)
+    ac = alphas_cumprod_from_betas(linear_betas()).float()
+    denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
+    noise = Gaussian(s.sigma)
+    results: dict = {"images": args.images, "offset": args.offset, "mode": args.mode, "start": args.start, "tasks": {}}
+    for task in args.tasks.split(","):
+        op, y = measure(task, setup.truth, s)
+        row = results["tasks"].setdefault(task, {})
+        if args.official_steps:
+            rule, zeta = guidance_for("pixel", task, args.official_steps)
+            g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
+            t0 = time.monotonic()
+            x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=args.official_steps,
+                            guidance=g, generator=torch.Generator().manual_seed(s.seed + 1)).clamp(-1, 1)
+            row[f"official ddpm {args.official_steps} {rule}:{zeta:g}"] = {
+                "psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
+                "seconds": time.monotonic() - t0}
+            print(task, "official", row, file=sys.stderr, flush=True)
+        for steps in (int(v) for v in args.steps.split(",")):
+            t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
+            sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+            x_T = torch.randn((len(setup.truth), *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
+            for name in args.samplers.split(","):
+                for setting in args.settings.split(","):
+                    rule, zeta = setting.split(":")
+                    g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
+                                    on_nonfinite="skip")
+                    t0 = time.monotonic()
+                    x = HOST_SAMPLERS[name](denoise, x_T.clone(), sigmas, g).clamp(-1, 1)
+                    key = f"{name} {steps} {setting}"
+                    row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
+                                "seconds": time.monotonic() - t0}
+                    print(task, key, row[key], file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
