@@ -129,9 +129,10 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
             s = float(sigma.flatten()[0])
             i = max(j for j, level in enumerate(levels[:-1]) if level >= s * (1 - 1e-5)) if s < levels[0] else 0
             s_in = x_.new_full((x_.shape[0],), s)
-            if stages is not None and stages.later_stage(s) and stages.later_feed(s) is not None:
+            held = stages.later_feed(s) if stages is not None and stages.later_stage(s) else None
+            if held is not None:
                 with torch.no_grad():
-                    return denoise(x_, s_in) + stages.later_feed(s)
+                    return denoise(x_, s_in) + held
             if guidance is None or not guidance.active(step_progress(i, len(levels) - 1)):
                 with torch.no_grad():
                     return denoise(x_, s_in)

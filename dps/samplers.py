@@ -391,6 +391,7 @@ class StageClock:
         self.starts = [start for start, _, _ in self.steps] if self.steps else self.levels[:-1]
         self.previous: float | None = None
         self.start: float | None = None            # σ of the current step's first evaluation
+        self.step: tuple[float, int] | None = None  # (σ it ends at, its evaluations); None off the levels
         self.stage = 0                             # evaluations of the current step so far, minus one
         self.correction: torch.Tensor | None = None
 
@@ -405,12 +406,12 @@ class StageClock:
         if later:
             self.stage += 1
         else:
-            self.start, self.stage, self.correction = sigma, 0, None
+            self.start, self.step, self.stage, self.correction = sigma, self._step_from(sigma), 0, None
         return later
 
-    def _step(self) -> tuple[float, int] | None:
-        """(σ the step ends at, its number of evaluations) of the current step; None off the levels."""
-        i = level_index(self.start, self.starts) if self.start is not None else None
+    def _step_from(self, sigma: float) -> tuple[float, int] | None:
+        """(σ the step from ``sigma`` ends at, its number of evaluations); None off the levels."""
+        i = level_index(sigma, self.starts)
         if i is None:
             return None
         if self.steps is not None:
@@ -421,8 +422,7 @@ class StageClock:
     def first_feed(self, correction: torch.Tensor) -> torch.Tensor:
         """What the step's first evaluation adds to its prediction: nothing when later evaluations follow
         (``correction`` is kept for the last one), else ``correction``."""
-        step = self._step()
-        if step is None or step[1] == 1:
+        if self.step is None or self.step[1] == 1:
             return correction
         self.correction = correction
         return torch.zeros_like(correction)
@@ -430,10 +430,9 @@ class StageClock:
     def later_feed(self, sigma: float) -> torch.Tensor | None:
         """What a later evaluation at ``sigma`` adds: the kept correction rescaled at the step's last evaluation
         (class docstring), nothing before it; None when the step's first evaluation was not guided."""
-        step = self._step()
-        if self.correction is None or step is None:
+        if self.correction is None or self.step is None:
             return None
-        end, evaluations = step
+        end, evaluations = self.step
         if self.stage < evaluations - 1:
             return torch.zeros_like(self.correction)
         if self.kind == "heun":
