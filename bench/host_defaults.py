@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
 from dps.host import guided_correction  # noqa: E402
 from dps.progress import step_progress  # noqa: E402
-from dps.samplers import CorrectionFilter, family_for  # noqa: E402
+from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def _denoised(denoise, x, s: float, s_next: float, guidance: DPSGuidance | None,
             return denoise(x, s_in)
     result = guidance.evaluate(x, lambda x_: denoise(x_, s_in))
     correction = guided_correction(result, guidance, s, s - s_next, x)
-    return result.x0_hat + (filt(s, correction) if filt is not None else correction)
+    return result.x0_hat + (filt(s, correction, result.x0_hat) if filt is not None else correction)
 
 
 def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
@@ -107,7 +107,8 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: 
     return x
 
 
-def host_sampler(function, name: str, options: dict | None = None, model_sampling: object | None = None):
+def host_sampler(function, name: str, options: dict | None = None, model_sampling: object | None = None,
+                 max_gain: float = MAX_GAIN):
     """ComfyUI's sampler ``function`` guided as the node guides it: the prediction at each model call is the guided
     x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
     from types import SimpleNamespace
@@ -121,7 +122,8 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1):
         levels = [float(v) for v in sigmas]
         family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
-        filt = CorrectionFilter(family, sigmas) if family is not None and family.history > 0 else None
+        filt = (CorrectionFilter(family, sigmas, max_gain=max_gain)
+                if family is not None and family.history > 0 else None)
         stages = stage_clock(function, sigmas, options) if filtered else None
         run.family = family
 
@@ -137,8 +139,8 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
                 with torch.no_grad():
                     return denoise(x_, s_in)
             result = guidance.evaluate(x_, lambda z: denoise(z, s_in))
-            correction = guided_correction(result, guidance, s, schedule_step(s, sigmas), x_)
-            correction = filt(s, correction) if filt is not None else correction
+            correction = guided_correction(result, guidance, s, schedule_step(s, sigmas, stages), x_)
+            correction = filt(s, correction, result.x0_hat) if filt is not None else correction
             if stages is not None:
                 correction = stages.first_feed(correction)
             return result.x0_hat + correction
@@ -149,7 +151,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     return run
 
 
-def comfy_samplers(path: str, names: list[str]) -> dict:
+def comfy_samplers(path: str, names: list[str], max_gain: float = MAX_GAIN) -> dict:
     """ComfyUI's samplers for ``names`` from the checkout at ``path`` (imported without its server): the function
     and options of its ``sampler_object(name)``, as the KSampler node gets them."""
     sys.path.insert(0, path)
@@ -166,7 +168,7 @@ def comfy_samplers(path: str, names: list[str]) -> dict:
         if name not in comfy.samplers.SAMPLER_NAMES:
             raise SystemExit(f"ComfyUI at {path} has no sampler {name!r}")
         sampler = comfy.samplers.sampler_object(name)
-        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options), eps)
+        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options), eps, max_gain)
     return out
 
 
@@ -192,12 +194,18 @@ def main() -> int:
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
     p.add_argument("--plain-multistep", action="store_true",
                    help="feed multistep samplers the rule's correction unfiltered (the behaviour before dps.samplers)")
+    p.add_argument("--max-gain", type=float, default=MAX_GAIN,
+                   help="with --comfyui: a multistep step whose extrapolation gain exceeds this is taken at first order "
+                        "(dps.samplers.CorrectionFilter; inf: never, as before)")
     p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
     p.add_argument("--host-functions", action="store_true",
                    help="with --comfyui: every sampler from ComfyUI, euler and dpmpp_2m included")
     p.add_argument("--scheduler", default="uniform", choices=("uniform", "karras", "exponential"),
                    help="uniform: evenly spaced timesteps (ComfyUI's normal); karras, exponential: ComfyUI's functions "
                         "between the prior's smallest and largest σ (needs --comfyui)")
+    p.add_argument("--discard-penultimate", default="",
+                   help="more sampler names to run on the levels ComfyUI gives UniPC and DPM-2 (one level more, the "
+                        "penultimate dropped): e.g. euler, the reference for those samplers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -207,7 +215,7 @@ def main() -> int:
     if others and not args.comfyui:
         raise SystemExit(f"samplers {others} need --comfyui PATH (ComfyUI's own functions); here: {sorted(SAMPLERS)}")
     if others:
-        samplers.update(comfy_samplers(args.comfyui, others))
+        samplers.update(comfy_samplers(args.comfyui, others, args.max_gain))
     s = DemoSettings(images=args.images, latent=True, vae=args.vae, offset=args.offset)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
@@ -226,6 +234,7 @@ def main() -> int:
         return torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
 
     sigmas = schedule(args.steps)
+    discard = DISCARD_PENULTIMATE | set(filter(None, args.discard_penultimate.split(",")))
     # ComfyUI's KSampler gives these samplers one level more and drops the penultimate (comfy/samplers.py,
     # DISCARD_PENULTIMATE_SIGMA_SAMPLERS): UniPC's last step would otherwise end at its 0.001 stand-in for 0.
     discarded = torch.cat([schedule(args.steps + 1)[:-2], torch.zeros(1)])
@@ -243,7 +252,7 @@ def main() -> int:
                 rule, zeta = setting.split(":")
                 g = DPSGuidance(op, Gaussian(s.sigma), y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
                                 decoder=setup.decoder, on_nonfinite="skip")
-                levels = discarded if name in DISCARD_PENULTIMATE else sigmas
+                levels = discarded if name in discard else sigmas
                 z = samplers[name](denoise, x_T.clone(), levels, g, filtered=not args.plain_multistep)
                 with torch.no_grad():
                     row[setting] = float(psnr(setup.decoder(z).clamp(-1, 1), setup.truth).mean())
@@ -253,7 +262,8 @@ def main() -> int:
         print(json.dumps({"steps": args.steps, "scheduler": args.scheduler, "images": args.images,
                           "offset": args.offset, "mode": args.mode,
                           "start": args.start,
-                          "plain_multistep": args.plain_multistep, "psnr": table}))
+                          "plain_multistep": args.plain_multistep, "max_gain": args.max_gain,
+                          "discard_penultimate": sorted(discard & set(table)), "psnr": table}))
     return 0
 
 

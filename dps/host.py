@@ -13,6 +13,7 @@ import torch
 from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian, x0_jacobian
 from .rules import DEFAULTS
+from .samplers import StageClock
 from .validate import check_tensor
 
 __all__ = ["HOST_RULE", "HOST_ZETA", "image_to_nchw", "nchw_to_image", "match_channels", "make_autograd_safe",
@@ -55,12 +56,16 @@ def match_channels(y: torch.Tensor, channels: int) -> torch.Tensor:
                      "make the measurement with the same operator (DPS Measure)")
 
 
-def schedule_step(sigma: float, sigmas: torch.Tensor | None) -> float | None:
+def schedule_step(sigma: float, sigmas: torch.Tensor | None, stages: StageClock | None = None) -> float | None:
     """The σ decrease from ``sigma`` to the next level of the sampler's schedule, or None when unknown.
 
     Samplers that evaluate between schedule levels (Heun's second stage, DPM-2, multistep) get the
-    distance to the next schedule level below ``sigma``.
+    distance to the next schedule level below ``sigma``; a sampler with steps of its own (``stages``, a
+    ``StageClock`` that has seen ``sigma``: DPM-Solver-fast) the size of the step that starts at ``sigma``.
     """
+    own = stages.step_size(sigma) if stages is not None else None
+    if own is not None:
+        return own
     if sigmas is None or sigma <= 0:
         return None
     levels = [float(s) for s in sigmas.flatten().tolist()]

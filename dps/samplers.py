@@ -18,6 +18,11 @@ makes it exactly ``W_i c_i``, the first-order step of the intended correction, w
 ``D_{i−j}`` keep their higher-order weights. For DPM-Solver++(2M) ``b = (1 + k, −k)`` with ``k = 1/(2r)``,
 ``r = h_{i−1}/h_i``, so ``c'_i = (c_i + k c'_{i−1})/(1 + k)``, a convex combination: the recursion is stable.
 
+The predictions themselves are evaluated at guided states, so each carries the prior's response to the guided
+moves before it, which is not smooth along the trajectory. A step that extrapolates far (gain ``Σ_j |b_{i,j}|``
+above ``MAX_GAIN``) multiplies that response; such a step is taken at first order, prior included
+(``CorrectionFilter``): the update receives ``W_i (D_i + c_i)``. Unguided steps never change.
+
 The update rules are those of k-diffusion's ``sampling.py`` as ComfyUI ships it (comfy/k_diffusion/sampling.py
 @ a125cd84): ``sample_dpmpp_2m`` (Lu et al. 2022, arXiv 2211.01095, Algorithm 2, with h in −log σ),
 ``sample_dpmpp_2m_sde`` (midpoint and heun corrections, h in half-log-SNR λ = log(α/σ)) and ``sample_dpmpp_3m_sde``.
@@ -173,6 +178,10 @@ def family_for(sampler: str, options: Mapping | None = None):
     return None if make is None else make(dict(options or {}))
 
 
+# The extrapolation gain Σ_j |b_{i,j}| above which a guided step is taken at first order (``CorrectionFilter``).
+MAX_GAIN = 4.0
+
+
 def level_index(sigma: float, levels: Sequence[float]) -> int | None:
     """The index of the level ``sigma`` is (relative tolerance 1e-5), None between levels. The first level also
     matches a σ a little below it: k-diffusion's SDE samplers move a flow model's σ = 1 just inside the valid
@@ -186,33 +195,64 @@ def level_index(sigma: float, levels: Sequence[float]) -> int | None:
 class CorrectionFilter:
     """Per sampling run: turns the rule's correction ``c_i`` at schedule level σ_i into the one to feed, ``c'_i``,
     so that the sampler's update receives ``W_i c_i`` (module docstring). Levels the sampler skipped or did not
-    guide count as ``c' = 0``; a call at a σ that is not a schedule level passes ``c`` unchanged."""
+    guide count as ``c' = 0``; a call at a σ that is not a schedule level passes ``c`` unchanged.
 
-    def __init__(self, family, sigmas: torch.Tensor | Sequence[float], alpha: AlphaFn | None = None) -> None:
+    A step whose extrapolation gain ``Σ_j |b_{i,j}|`` exceeds ``max_gain`` is taken at first order, prior
+    included, when the predictions of its history are known (``denoised`` given at those levels): the fed
+    prediction is chosen so that ``Σ_j b_{i,j} D'_{i−j} = D_i + c_i``, i.e.
+
+        c'_i = (c_i − Σ_{j≥1} b_{i,j} (c'_{i−j} + D_{i−j} − D_i)) / b_{i,0}.
+
+    The predictions a guided run evaluates carry the prior's response to the earlier guided moves, which is not
+    smooth along the trajectory; a step that multiplies their differences by a large factor (DPM-Solver++(3M)
+    SDE: ``b = (11.2, −20.1, 10.0)`` on the step to σ_min of SD's 20-step normal schedule) turns that response into
+    an error of the same factor (bench/README.md, *Every sampler*). Unguided runs never come here.
+    """
+
+    def __init__(self, family, sigmas: torch.Tensor | Sequence[float], alpha: AlphaFn | None = None,
+                 max_gain: float = MAX_GAIN) -> None:
         self.family = family
-        self.sigmas = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
         self.alpha = alpha or _one
+        self.max_gain = max_gain
         self.fed: dict[int, torch.Tensor] = {}
+        self.denoised: dict[int, torch.Tensor] = {}
+        self.first_order: list[int] = []       # the steps taken at first order
 
     def index(self, sigma: float) -> int | None:
         """The step whose level is ``sigma`` (None between levels; ``level_index``)."""
         return level_index(sigma, self.sigmas[:-1])
 
-    def __call__(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
+    def far_steps(self) -> list[int]:
+        """The steps whose gain exceeds ``max_gain``: taken at first order when guided."""
+        return [i for i in range(len(self.sigmas) - 1)
+                if sum(abs(w) for w in self.family.weights(self.sigmas, i, self.alpha)) > self.max_gain]
+
+    def __call__(self, sigma: float, correction: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
         i = self.index(sigma)
         if i is None:
             return correction
         if i == 0:
             self.sigmas[0] = sigma      # the σ the sampler steps from (the flow models' offset first σ)
         self.fed = {j: c for j, c in self.fed.items() if j < i}   # a sampler that starts again forgets
+        self.denoised = {j: d for j, d in self.denoised.items() if j < i}
         b = self.family.weights(self.sigmas, i, self.alpha)
+        history = range(1, len(b))
+        first_order = (denoised is not None and sum(abs(w) for w in b) > self.max_gain
+                       and all(i - j in self.denoised for j in history))
         fed = correction
         for j, weight in enumerate(b[1:], start=1):
             previous = self.fed.get(i - j)
             if previous is not None:
                 fed = fed - weight * previous
+            if first_order:
+                fed = fed - weight * (self.denoised[i - j] - denoised).to(fed.dtype)
         fed = fed / b[0] if b[0] != 1.0 else fed
         self.fed[i] = fed
+        if denoised is not None:
+            self.denoised[i] = denoised.detach()
+        if first_order:
+            self.first_order.append(i)
         return fed
 
 
@@ -418,6 +458,14 @@ class StageClock:
             return self.steps[i][1], self.steps[i][2]
         end = self.levels[i + 1]
         return end, (2 if end > 0 else 1)
+
+    def step_size(self, sigma: float) -> float | None:
+        """``σ − σ_end`` of the step whose first evaluation is at ``sigma`` (after ``later_stage(sigma)``), None
+        when no step starts there. DPM-Solver-fast's steps span several schedule levels: a rule sized for one
+        level's Δσ would be applied over three (Euler's step of the correction, class docstring)."""
+        if self.step is None or self.start != sigma or self.stage != 0:
+            return None
+        return sigma - self.step[0]
 
     def first_feed(self, correction: torch.Tensor) -> torch.Tensor:
         """What the step's first evaluation adds to its prediction: nothing when later evaluations follow

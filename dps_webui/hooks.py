@@ -104,15 +104,15 @@ class SigmaClock:
         self.filter = None
         self.stages = None
 
-    def feed(self, sigma: float, correction: torch.Tensor) -> torch.Tensor:
-        """The correction to add to the prediction at ``sigma``: filtered for a multistep sampler, else as is
-        (for a sampler with several evaluations per step: kept for the last, ``held``)."""
+    def feed(self, sigma: float, correction: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
+        """The correction to add to the prediction ``denoised`` at ``sigma``: filtered for a multistep sampler,
+        else as is (for a sampler with several evaluations per step: kept for the last, ``held``)."""
         if self.filter is None:
             try:
                 self.filter = self._make_filter() or False
             except (TypeError, ValueError):   # an unusual sampler: the correction as is, as before the filter
                 self.filter = False
-        fed = self.filter(sigma, correction) if self.filter else correction
+        fed = self.filter(sigma, correction, denoised) if self.filter else correction
         return self.stages.first_feed(fed) if self.stages else fed
 
     def held(self, sigma: float) -> torch.Tensor | None:
@@ -140,10 +140,14 @@ class SigmaClock:
         family = sampler_family(func, torch.tensor(levels, dtype=torch.float64), sampler_options(self.sampler, func))
         if family is None or family.history == 0:
             return None
+        filt = CorrectionFilter(family, levels)
         if self.log is not None:
+            far = filt.far_steps()
             self.log(f"sampler {getattr(func, '__name__', '')}: the correction is fed through its multistep weights "
-                     f"({len(levels) - 1} levels, {family.history} earlier predictions)")
-        return CorrectionFilter(family, levels)
+                     f"({len(levels) - 1} levels, {family.history} earlier predictions"
+                     + (f"; {len(far)} steps that extrapolate far are taken at first order when guided)" if far
+                        else ")"))
+        return filt
 
     def reset(self) -> None:
         self.top = None
@@ -161,7 +165,7 @@ class SigmaClock:
             return (self.top - sigma) / self.top if self.top > 0 else 1.0, delta_t
         positive = [s for s in (self.schedule or []) if s > 0]
         bottom = min(positive) if positive else self.sigma_min
-        delta = schedule_step(sigma, torch.tensor(self.schedule)) if self.schedule else None
+        delta = schedule_step(sigma, torch.tensor(self.schedule), self.stages or None) if self.schedule else None
         return sigma_progress(sigma, self.top, bottom), delta
 
 
@@ -235,8 +239,8 @@ class DenoiserWrapper:
 
     def __call__(self, x, sigma, *args, **kwargs):
         s = float(torch.as_tensor(sigma).flatten()[0])
-        progress, delta = self.clock.observe(s)
         held = self.clock.held(s)
+        progress, delta = self.clock.observe(s)
         if held is not None and self.enabled and not self.timesteps:   # a later stage: the step's correction
             with torch.no_grad():
                 out = self.original(x, sigma, *args, **kwargs)
@@ -273,7 +277,7 @@ class DenoiserWrapper:
             t_next = None if delta is None else t - int(round(delta))
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
             return out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
-        correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x))
+        correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x), result.x0_hat)
         return (result.x0_hat + correction).to(out.dtype)  # result.x0_hat is out
 
     def _clean_side_outputs(self) -> None:
@@ -340,8 +344,8 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
     def dps_post_cfg(args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         s = float(torch.as_tensor(args["sigma"]).flatten()[0])
-        progress, delta = clock.observe(s)
         held = clock.held(s)
+        progress, delta = clock.observe(s)
         if held is not None and state["enabled"]:                  # a later stage: the step's correction
             return (denoised + held.to(denoised)).to(dtype=denoised.dtype)
         if not state["enabled"] or s <= 0 or not guidance.active(progress):
@@ -352,7 +356,7 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             for note in guidance.notes:
                 job.note(note)
             job.record(result.distance, result.skipped)
-            guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x))
+            guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x), result.x0_hat)
             return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False

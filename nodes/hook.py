@@ -171,7 +171,7 @@ class DPSPatch:
         self.run: RunState | None = None
         self.last_run: RunState | None = None
         self._inner: Any = None
-        self._told: set[str] = set()
+        self._told: set = set()     # what the log has said once (sampler names, far-step counts)
 
     @property
     def uses_vae(self) -> bool:
@@ -261,10 +261,10 @@ class DPSPatch:
         self.run.distances.append(result.distance.cpu())
         if self.report is not None:
             self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode))
-        correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas), x,
+        correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas, stages), x,
                                        alpha=signal_scale(inner.model_sampling, sigma))
         if self.run.sampler_filter is not None:
-            correction = self.run.sampler_filter(sigma, correction)
+            correction = self.run.sampler_filter(sigma, correction, result.x0_hat)
         if stages is not None:
             correction = stages.first_feed(correction)
         out = result.x0_hat + correction
@@ -300,7 +300,13 @@ class DPSPatch:
             return None
         if family.history == 0:
             return None
-        return CorrectionFilter(family, sigmas, alpha=(lambda s: signal_scale(ms, s)) if ms is not None else None)
+        filt = CorrectionFilter(family, sigmas, alpha=(lambda s: signal_scale(ms, s)) if ms is not None else None)
+        far = filt.far_steps()
+        if far and (name, len(far), len(sigmas)) not in self._told:
+            self._told.add((name, len(far), len(sigmas)))
+            log.info("DPS: sampler %s: %d of its %d steps extrapolate far (gain > %g); guided, they are taken at "
+                     "first order", name, len(far), len(sigmas) - 1, filt.max_gain)
+        return filt
 
     def _start_run(self, y: torch.Tensor) -> RunState:
         run = RunState()

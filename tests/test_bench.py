@@ -96,3 +96,32 @@ def test_few_steps_runs_both_paths_and_reports_psnr_and_residual():
     assert set(row) == {"official ddpm 20 dps:30", "euler 8 polyak:1"}, row     # ζ 3 at 200 steps, rescaled
     assert all(v["psnr"] > 10 and v["residual"] > 0 for v in row.values()), row
     assert 0.5 < row["euler 8 polyak:1"]["residual"] < 1.5, row                 # Polyak reaches the noise floor
+
+
+def test_sampler_table_marks_misses_and_uses_euler_on_the_same_levels(tmp_path):
+    """``bench/sampler_table.py``: a later file's rows replace an earlier one's, a sampler more than 1 dB behind
+    euler or below the simple baseline is marked, and UniPC is compared with euler on its own levels."""
+    def result(name, rows, discard=()):
+        psnr = {s: {t: {f"baseline ({b})": base, "polyak:1": v[i]}
+                    for i, (t, b, base) in enumerate([("super_resolution", "bicubic", 24.0),
+                                                      ("box_inpainting", "mean fill", 13.0),
+                                                      ("gaussian_deblur", "measurement", 24.0)])}
+                for s, v in rows.items()}
+        path = tmp_path / name
+        path.write_text(json.dumps({"psnr": psnr, "discard_penultimate": list(discard)}))
+        return str(path)
+    full = result("full.json", {"euler": (26, 17, 26), "dpmpp_2m": (20, 17, 26), "uni_pc": (25.2, 17, 26)})
+    again = result("again.json", {"dpmpp_2m": (25.5, 17, 26)})
+    same = result("same.json", {"euler": (25.5, 17, 26)}, discard=["euler"])
+    cmd = [sys.executable, "bench/sampler_table.py", "--grid", "normal", full, again]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| dpmpp_2m | 25.50 (-0.50) |" in out.stdout and "| uni_pc | 25.20 (-0.80) |" in out.stdout
+    assert "normal: 3 of 3 meet the target" in out.stdout
+    worse = result("worse.json", {"uni_pc": (24.4, 17, 26)})
+    out = subprocess.run(cmd[:-2] + [full, worse, "--grid", "karras", full, worse, same],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| uni_pc | 24.40 (-1.60) ✗ |" in out.stdout and "24.40 (-1.10*) ✗" in out.stdout
+    assert "normal: 1 of 3 meet the target; behind: dpmpp_2m, uni_pc" in out.stdout
+    assert "in every grid: 1 (euler)" in out.stdout

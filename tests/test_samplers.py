@@ -133,6 +133,38 @@ def test_the_update_receives_the_first_order_step_of_the_correction(name, flow):
         torch.testing.assert_close(guided - plain, w * corrections[i], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+def test_a_step_that_extrapolates_far_is_taken_at_first_order(name):
+    """Given the predictions, a step whose gain Σ|b| exceeds the bound (here the step to σ = 0.05, as the step to σ_min
+    on SD's normal schedule) is the first-order step from D_i + c_i, prior included; every other step keeps the prior's higher
+    order and receives W_i c_i."""
+    step, family = CASES[name]
+    sigmas = [14.6, 10.0, 7.0, 5.0, 3.5, 2.5, 1.8, 1.3, 0.05, 0.0]
+    big = 7
+    gains = [sum(abs(b) for b in family.weights(sigmas, i)) for i in range(len(sigmas) - 1)]
+    assert gains[big] > 4.0 and all(g <= 4.0 for i, g in enumerate(gains) if i != big)
+    denoise = lambda x, s: torch.tanh(0.25 / (0.25 + s**2) * x)  # noqa: E731  (nonlinear in x)
+    g = torch.Generator().manual_seed(3)
+    corrections = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in sigmas[:-1]]
+    filt = CorrectionFilter(family, sigmas, max_gain=4.0)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+    state, fed, raw = {}, [], []
+    for i in range(len(sigmas) - 1):
+        d = denoise(x, sigmas[i])
+        raw.append(d)
+        fed.append(d + filt(sigmas[i], corrections[i], d))
+        x_next, w = step(x, sigmas, i, fed, dict(state), False)
+        if i == big:
+            first_order, _ = step(x, sigmas, i, [d + corrections[i]], {}, False)
+            torch.testing.assert_close(x_next, first_order, rtol=1e-9, atol=1e-9)
+        else:
+            plain, _ = step(x, sigmas, i, raw, dict(state), False)
+            torch.testing.assert_close(x_next - plain, w * corrections[i], rtol=1e-9, atol=1e-9)
+        step(x, sigmas, i, fed, state, False)        # advance the step sizes it remembers
+        x = x_next
+    assert filt.first_order == [big]
+
+
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_without_the_filter_the_extrapolation_amplifies_the_correction(name):
     """The control: fed unchanged, the multistep update's guidance part is not the intended step."""
@@ -362,6 +394,59 @@ def test_comfyuis_own_samplers_receive_the_intended_step(tmp_path):
     errors = run_driver(tmp_path / "families_driver.py", DRIVER)
     assert set(errors) == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
     assert all(e < 1e-9 for e in errors.values()), errors
+
+
+FAR_DRIVER = textwrap.dedent('''
+    import json, os, sys
+    sys.path.insert(0, os.environ["COMFYUI_PATH"]); sys.path.insert(0, sys.argv[1])
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.k_diffusion.sampling as ks
+    from dps.samplers import CorrectionFilter, family_for
+
+    class Inner:
+        def __init__(self): self.model_patcher = self
+        def get_model_object(self, name): return object()
+
+    sigmas = torch.tensor([14.6, 10.0, 7.0, 5.0, 3.5, 2.5, 1.8, 1.3, 0.05, 0.0], dtype=torch.float64)
+    levels, far = [float(v) for v in sigmas], 7
+    g = torch.Generator().manual_seed(4)
+    corrections = [torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) for _ in levels[:-1]]
+    zero = lambda a, b: torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    denoise = lambda x, s: torch.tanh(0.25 / (0.25 + s * s) * x)
+    out = {}
+    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
+        sample = getattr(ks, "sample_" + name)
+        kw = {} if name == "dpmpp_2m" else {"noise_sampler": zero}
+        filt = CorrectionFilter(family_for(name), sigmas, max_gain=4.0)
+        states = {}
+        def model(x, sigma, **unused):
+            s = float(sigma.flatten()[0]); i = levels.index(s)
+            states[i] = x.clone()
+            d = denoise(x, s)
+            return d + filt(s, corrections[i], d)
+        model.inner_model = Inner()
+        x_T = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 14.6
+        sample(model, x_T, sigmas.clone(), disable=True, **kw)
+        def first(x, sigma, **unused):     # the sampler's own first step (no history) from D_far + c_far
+            return denoise(x, levels[far]) + corrections[far]
+        first.inner_model = Inner()
+        x_next = sample(first, states[far].clone(), sigmas[far:far + 2].clone(), disable=True, **kw)
+        out[name] = [float((x_next - states[far + 1]).abs().max()), filt.first_order]
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_own_samplers_take_a_far_step_at_first_order(tmp_path):
+    """ComfyUI's DPM++ 2M / 2M SDE / 3M SDE functions, a nonlinear prediction: the guided step that extrapolates
+    far (σ 1.3 → 0.05) lands where the sampler's own first step from D + c lands, prior included."""
+    result = run_driver(tmp_path / "far_driver.py", FAR_DRIVER)
+    assert set(result) == {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+    assert all(error < 1e-9 and steps == [7] for error, steps in result.values()), result
 
 
 PROBE_DRIVER = textwrap.dedent('''
