@@ -145,7 +145,7 @@ class SigmaClock:
             far = filt.far_steps()
             self.log(f"sampler {getattr(func, '__name__', '')}: the correction is fed through its multistep weights "
                      f"({len(levels) - 1} levels, {family.history} earlier predictions"
-                     + (f"; {len(far)} steps that extrapolate far are taken at first order when guided)" if far
+                     + (f"; {len(far)} of them extrapolate far and are taken at first order when guided)" if far
                         else ")"))
         return filt
 

@@ -161,8 +161,10 @@ def error_entry(infotext: str) -> str | None:
 
 
 class Driver:
-    def __init__(self, webui: WebUI, steps: int, size: int, factor: int = 4, sampler: str = "Euler") -> None:
+    def __init__(self, webui: WebUI, steps: int, size: int, factor: int = 4, sampler: str = "Euler",
+                 scheduler: str | None = None) -> None:
         self.webui, self.steps, self.size, self.factor, self.sampler = webui, steps, size, factor, sampler
+        self.scheduler = scheduler
         rng = np.random.default_rng(0)
         # the measurement: a smooth low-resolution picture (random weights make noise; any y will do)
         low = rng.random((size // factor // 4, size // factor // 4, 3))
@@ -183,6 +185,8 @@ class Driver:
         payload = {"prompt": "a photo of a cat", "negative_prompt": "", "steps": self.steps, "width": self.size,
                    "height": self.size, "seed": 1, "sampler_name": self.sampler, "cfg_scale": 5, "batch_size": 1,
                    "n_iter": 1, "save_images": False}
+        if self.scheduler:
+            payload["scheduler"] = self.scheduler
         payload.update(extra)
         return payload
 
@@ -392,13 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {list(CHECKS)}")
     parser.add_argument("--report", type=Path, help="write the numbers as JSON here")
     parser.add_argument("--sampler", default="Euler", help="the WebUI's sampler name for the jobs (e.g. 'DPM++ 2M')")
+    parser.add_argument("--scheduler", help="the WebUI's schedule type for the jobs (e.g. 'Uniform'; default: the "
+                                            "sampler's own, A1111 1.9+)")
     args = parser.parse_args(argv)
     webui = WebUI(args.url, args.log)
     try:
         version = webui.request("/sdapi/v1/cmd-flags")
     except CheckFailed as exc:  # Forge dfdcbab answers 500 here (its backend flags fail the response model)
         version = {"error": str(exc)[:200]}
-    driver = Driver(webui, args.steps, args.size, sampler=args.sampler)
+    driver = Driver(webui, args.steps, args.size, sampler=args.sampler, scheduler=args.scheduler)
     failures = []
     for name in args.only.split(","):
         print(f"{name} ...", flush=True)
