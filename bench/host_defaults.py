@@ -172,6 +172,22 @@ def comfy_samplers(path: str, names: list[str], max_gain: float = MAX_GAIN) -> d
     return out
 
 
+def comfy_schedule(path: str, name: str, steps: int) -> torch.Tensor:
+    """ComfyUI's scheduler ``name`` (``comfy.samplers.calculate_sigmas``) for ``steps`` steps on the prior's own
+    discrete schedule (the linear β of ``dps.linear_betas``, 1e-4 to 0.02 over 1000 steps: ComfyUI's
+    ``sqrt_linear``), as a checkpoint's model sampling object gives it to the KSampler."""
+    from types import SimpleNamespace
+    comfy_samplers(path, [])
+    import comfy.model_sampling
+    import comfy.samplers
+    if name not in comfy.samplers.SCHEDULER_NAMES:
+        raise SystemExit(f"ComfyUI at {path} has no scheduler {name!r}; it has {comfy.samplers.SCHEDULER_NAMES}")
+    config = SimpleNamespace(sampling_settings={"beta_schedule": "sqrt_linear", "linear_start": 1e-4,
+                                                "linear_end": 0.02, "timesteps": 1000})
+    sampling = comfy.model_sampling.ModelSamplingDiscrete(config)
+    return comfy.samplers.calculate_sigmas(sampling, name, steps).float()
+
+
 DISCARD_PENULTIMATE = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
 SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m,
             "dpmpp_2m_sde": functools.partial(dpmpp_2m, eta=1.0)}
@@ -200,9 +216,11 @@ def main() -> int:
     p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
     p.add_argument("--host-functions", action="store_true",
                    help="with --comfyui: every sampler from ComfyUI, euler and dpmpp_2m included")
-    p.add_argument("--scheduler", default="uniform", choices=("uniform", "karras", "exponential"),
+    p.add_argument("--scheduler", default="uniform",
                    help="uniform: evenly spaced timesteps (ComfyUI's normal); karras, exponential: ComfyUI's functions "
-                        "between the prior's smallest and largest σ (needs --comfyui)")
+                        "between the prior's smallest and largest σ; any other name of ComfyUI's KSampler (normal, "
+                        "sgm_uniform, simple, ddim_uniform, beta, linear_quadratic, kl_optimal): "
+                        "comfy.samplers.calculate_sigmas on the prior's own discrete schedule (these need --comfyui)")
     p.add_argument("--discard-penultimate", default="",
                    help="more sampler names to run on the levels ComfyUI gives UniPC and DPM-2 (one level more, the "
                         "penultimate dropped): e.g. euler, the reference for those samplers")
@@ -224,6 +242,8 @@ def main() -> int:
         raise SystemExit(f"--scheduler {args.scheduler} needs --comfyui PATH (ComfyUI's schedule functions)")
 
     def schedule(steps: int) -> torch.Tensor:
+        if args.scheduler not in ("uniform", "karras", "exponential"):
+            return comfy_schedule(args.comfyui, args.scheduler, steps)
         if args.scheduler != "uniform":
             comfy_samplers(args.comfyui, [])              # ComfyUI importable without its server
             import comfy.k_diffusion.sampling as ks
