@@ -178,8 +178,15 @@ def family_for(sampler: str, options: Mapping | None = None):
     return None if make is None else make(dict(options or {}))
 
 
-# The extrapolation gain Σ_j |b_{i,j}| above which a guided step is taken at first order (``CorrectionFilter``).
+# The extrapolation gain Σ_j |b_{i,j}| above which a guided step is taken at first order (``CorrectionFilter``):
+# a 2M-type step gains about 2 on an even schedule, 3M SDE 3.3-5, UniPC 5-7 (bench/README.md, *Every sampler*).
 MAX_GAIN = 4.0
+
+
+def gain(row: Sequence[float]) -> float:
+    """``Σ_j |b_j|``: how much a step's weights can amplify an error in the predictions it combines (1 for a
+    first-order step)."""
+    return sum(abs(w) for w in row)
 
 
 def level_index(sigma: float, levels: Sequence[float]) -> int | None:
@@ -226,7 +233,7 @@ class CorrectionFilter:
     def far_steps(self) -> list[int]:
         """The steps whose gain exceeds ``max_gain``: taken at first order when guided."""
         return [i for i in range(len(self.sigmas) - 1)
-                if sum(abs(w) for w in self.family.weights(self.sigmas, i, self.alpha)) > self.max_gain]
+                if gain(self.family.weights(self.sigmas, i, self.alpha)) > self.max_gain]
 
     def __call__(self, sigma: float, correction: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
         i = self.index(sigma)
@@ -238,7 +245,7 @@ class CorrectionFilter:
         self.denoised = {j: d for j, d in self.denoised.items() if j < i}
         b = self.family.weights(self.sigmas, i, self.alpha)
         history = range(1, len(b))
-        first_order = (denoised is not None and sum(abs(w) for w in b) > self.max_gain
+        first_order = (denoised is not None and gain(b) > self.max_gain
                        and all(i - j in self.denoised for j in history))
         fed = correction
         for j, weight in enumerate(b[1:], start=1):
