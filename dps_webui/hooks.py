@@ -25,7 +25,7 @@ import torch
 
 from dps.autograd_safe import autograd_copy
 from dps.guidance import DPSGuidance
-from dps.host import eps_correction, guided_correction, schedule_step
+from dps.host import eps_correction, final_refinement, guided_correction, is_last_step, schedule_step
 from dps.progress import sigma_progress
 from dps.samplers import CorrectionFilter, StageClock, sampler_family, stage_clock
 from dps.vae_gradient import DecoderGradient
@@ -278,7 +278,10 @@ class DenoiserWrapper:
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
             return out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
         correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x), result.x0_hat)
-        return (result.x0_hat + correction).to(out.dtype)  # result.x0_hat is out
+        guided = result.x0_hat + correction                 # result.x0_hat is out
+        if is_last_step(s, delta):                          # the sample itself: brought to the noise floor
+            guided = final_refinement(self.guidance, guided)
+        return guided.to(out.dtype)
 
     def _clean_side_outputs(self) -> None:
         # The host keeps the cond x̂0 for interrupts and the live preview; a graph there would leak into
@@ -357,6 +360,8 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
                 job.note(note)
             job.record(result.distance, result.skipped)
             guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x), result.x0_hat)
+            if is_last_step(s, delta):
+                guided = final_refinement(guidance, guided)
             return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False

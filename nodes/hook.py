@@ -36,8 +36,8 @@ from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
 from ..dps.samplers import CorrectionFilter, ProbedFamily, StageClock, sampler_family, stage_clock
-from ..dps.host import (guided_correction, image_to_nchw, make_autograd_safe, match_channels, needs_autograd_fix,
-                        normal_tensor, schedule_step)
+from ..dps.host import (final_refinement, guided_correction, image_to_nchw, is_last_step, make_autograd_safe,
+                        match_channels, needs_autograd_fix, normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
 from ..dps.operators import Compose, Inpainting, Operator
 
@@ -261,13 +261,15 @@ class DPSPatch:
         self.run.distances.append(result.distance.cpu())
         if self.report is not None:
             self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode))
-        correction = guided_correction(result, guidance, sigma, schedule_step(sigma, sigmas, stages), x,
-                                       alpha=signal_scale(inner.model_sampling, sigma))
+        delta = schedule_step(sigma, sigmas, stages)
+        correction = guided_correction(result, guidance, sigma, delta, x, alpha=signal_scale(inner.model_sampling, sigma))
         if self.run.sampler_filter is not None:
             correction = self.run.sampler_filter(sigma, correction, result.x0_hat)
         if stages is not None:
             correction = stages.first_feed(correction)
         out = result.x0_hat + correction
+        if is_last_step(sigma, delta):      # the sampler returns this prediction: bring it to the noise floor
+            out = final_refinement(guidance, out)
         if self.interrupt is not None:
             self.interrupt()
         return out

@@ -171,3 +171,29 @@ def test_polyak_never_removes_more_than_the_whole_excess_in_one_step():
     assert torch.equal(polyak.denoised_correction(grad, 1.0, 1.0, 1.0), -grad)          # ζ = 1: never capped
     assert torch.equal(polyak.denoised_correction(grad, 1.0, None, 3.0), -3.0 * grad)   # step unknown: as is
     assert polyak.ddpm_step_size(30.0, 0.5, 0.01) == 1.0
+
+
+def test_the_last_prediction_is_brought_to_the_noise_floor_and_no_further():
+    """``dps.host.final_refinement``: with a mask (orthonormal rows) and no decoder one Polyak step in x0-space
+    lands exactly on the noise floor, the hidden pixels do not move, later steps change nothing; the paper's
+    ``dps`` rule is left alone."""
+    from dps.host import final_refinement, is_last_step
+    from dps.operators import Inpainting
+    mask = torch.zeros(8, 8)
+    mask[:, :4] = 1.0                                     # 1 = missing
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    noise = Gaussian(0.05)
+    y = Inpainting(mask)(truth) + 0.05 * torch.randn(1, 3, 8, 8, generator=g) * (1 - mask)
+    guidance = DPSGuidance(Inpainting(mask), noise, y, zeta=1.0, rule="polyak")
+    x0 = torch.zeros(1, 3, 8, 8)
+    floor = float(noise.expected_distance(y))
+    start = float(noise.distance(y, Inpainting(mask)(x0)))
+    once = final_refinement(guidance, x0, iterations=1)
+    assert start > 5 * floor
+    assert float(noise.distance(y, Inpainting(mask)(once))) == pytest.approx(floor, rel=1e-4)
+    assert torch.equal(once[..., :4], x0[..., :4])
+    torch.testing.assert_close(final_refinement(guidance, x0, iterations=3), once, rtol=1e-5, atol=1e-5)
+    paper = DPSGuidance(Inpainting(mask), noise, y, zeta=1.0, rule="dps")
+    assert torch.equal(final_refinement(paper, x0), x0)
+    assert is_last_step(0.17, 0.17) and not is_last_step(0.17, 0.16) and not is_last_step(0.17, None)
