@@ -98,9 +98,9 @@ def is_last_step(sigma: float, delta_sigma: float | None) -> bool:
 
 def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = FINAL_ITERATIONS) -> torch.Tensor:
     """The guided prediction of the step to σ = 0, which the sampler returns as the sample, moved up to
-    ``iterations`` Polyak steps toward the noise floor in x0-space: ``x0 ← x0 − ζP(x0)`` with
+    ``iterations`` Polyak steps toward the noise floor in x0-space: ``x0 ← x0 − min(ζ, 1)P(x0)`` with
     ``P = (d − d*)₊/‖∇d‖² ∇d`` and ``∇d`` the gradient of ``d(x0) = ‖y − A(D(x0))‖`` through the decoder alone
-    (no denoiser: at σ = 0 Tweedie's estimate is the sample), its trust region RMS(ζP) ≤ max(RMS(x0), 1). A step
+    (no denoiser: at σ = 0 Tweedie's estimate is the sample), its trust region RMS(P) ≤ max(RMS(x0), 1)/ζ. A step
     is kept per sample only where it lowers d, else that sample's next try is half as long: P is a
     linearisation, and through a nonlinear decoder a full step can overshoot. Where d ≤ d* the step is zero, so the
     measurement's noise is not fitted. ``iterations + 1`` evaluations of the decoder's gradient.
@@ -118,7 +118,7 @@ def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = 
     scale = torch.ones_like(result.distance)
     for _ in range(iterations):
         limit = rms(z).clamp_min(1.0)          # the trust region at the data's own scale (a dark image's RMS is ~0)
-        step = guidance.zeta * guidance.step_gradient(result, 1.0, limit=limit)
+        step = min(guidance.zeta, 1.0) * guidance.step_gradient(result, 1.0, limit=limit)   # never past the floor
         step = guidance.check_step(step * scale.view(-1, *[1] * (step.ndim - 1)).to(step), z)
         if not bool(step.any()):               # every sample at its noise floor (or a zero gradient)
             break
