@@ -12,7 +12,7 @@ import torch
 
 from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian, x0_jacobian
-from .rules import DEFAULTS
+from .rules import DEFAULTS, per_sample
 from .samplers import StageClock
 from .validate import check_tensor
 
@@ -119,13 +119,13 @@ def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = 
     for _ in range(iterations):
         limit = rms(z).clamp_min(1.0)          # the trust region at the data's own scale (a dark image's RMS is ~0)
         step = min(guidance.zeta, 1.0) * guidance.step_gradient(result, 1.0, limit=limit)   # never past the floor
-        step = guidance.check_step(step * scale.view(-1, *[1] * (step.ndim - 1)).to(step), z)
+        step = guidance.check_step(step * per_sample(scale, step).to(step), z)
         if not bool(step.any()):               # every sample at its noise floor (or a zero gradient)
             break
         candidate = (z - step.to(z.dtype)).detach()
         trial = guidance.evaluate(candidate, lambda q: q)
         better = trial.distance < result.distance
-        keep = better.view(-1, *[1] * (z.ndim - 1))
+        keep = per_sample(better, z)
         z = torch.where(keep, candidate, z)
         result = GuidanceResult(x0_hat=z, distance=torch.where(better, trial.distance, result.distance),
                                 grad=torch.where(keep.to(trial.grad.device), trial.grad, result.grad))

@@ -48,7 +48,8 @@ def get_rule(name: str) -> "StepRule":
         raise ValueError(f"rule must be one of {tuple(REGISTRY)}, got {name!r}") from None
 
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector (B,) shaped to broadcast against ``like`` (B, ...)."""
     return v.view(-1, *([1] * (like.ndim - 1)))
 
 
@@ -127,7 +128,7 @@ class DPSPaper(StepRule):
         return distance.square()
 
     def scale_gradient(self, grad: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-        return grad / _per_sample(distance.clamp_min(torch.finfo(distance.dtype).tiny), grad)
+        return grad / per_sample(distance.clamp_min(torch.finfo(distance.dtype).tiny), grad)
 
 
 @register
@@ -171,8 +172,8 @@ class Polyak(StepRule):
         if limit is not None and guidance.zeta > 0:
             bound = limit.double().to(length.device) / guidance.zeta * grad[0].numel() ** 0.5   # RMS(ζP) <= limit
             length = torch.minimum(length, bound)
-        direction = grad.double() / _per_sample(safe_norm, grad)
-        step = direction * _per_sample(length, grad)
+        direction = grad.double() / per_sample(safe_norm, grad)
+        step = direction * per_sample(length, grad)
         return step.to(grad.dtype)
 
     def denoised_correction(self, grad: torch.Tensor, sigma: float, delta_sigma: float | None, zeta: float,
