@@ -90,7 +90,8 @@ def run_one(config: dict) -> dict:
             surrogate = comfy.taesd.taesd.Decoder(latent_channels=4)
             surrogate.load_state_dict(sd)
             surrogate = surrogate.float().eval().requires_grad_(False)
-        settings = hook.Settings(mode=gradient, vae_gradient=mode, vae_tile=config.get("vae_tile", 0))
+        settings = hook.Settings(mode=gradient, vae_gradient=mode, vae_tile=config.get("vae_tile", 0),
+                                 denoiser_gradient=config.get("denoiser_gradient", "auto"))
         model, patch = hook.apply_dps(fam.model, fam.vae, y_img, op, noise, settings, surrogate=surrogate,
                                       interrupt=mm.throw_exception_if_processing_interrupted,
                                       wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
@@ -126,6 +127,12 @@ def run_one(config: dict) -> dict:
             if g is not None:
                 plans += [f"{p.mode}" + (f" tile {p.tile}" if p.tile else "") for p in g.decoder_gradient.plans.values()]
         out["plans"] = plans
+        recompute = getattr(run.guidance or run.fast_guidance, "denoiser_recompute", None)
+        if recompute is not None and gradient == "full":
+            out["denoiser_gradient"] = config.get("denoiser_gradient", "auto")
+            out["denoiser"] = recompute.reason
+            out["denoiser_recomputed"] = [len(recompute.chosen or []), len(recompute.blocks)]
+            out["denoiser_saved_gib"] = round(sum(recompute.measured.values()) / 2**30, 2)
     return out
 
 
@@ -149,8 +156,12 @@ def table(results: list[dict]) -> str:
         b = base.get(r["size"])
         ratio_t = f"{r['step_s'] / b['step_s']:.2f}" if b else ""
         ratio_m = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else ""
+        plans = sorted(set(r.get("plans", [])))
+        if "denoiser_recomputed" in r:
+            chosen, total = r["denoiser_recomputed"]
+            plans.append(f"model: {chosen}/{total} blocks recomputed ({r['denoiser_gradient']})")
         rows.append(f"| {r['size']} | {r['config']} | {r['step_s']} | {ratio_t} | {r['peak_gib']} | {ratio_m} | "
-                    f"{r['peak_above_gib']} | {', '.join(sorted(set(r.get('plans', []))))} |")
+                    f"{r['peak_above_gib']} | {', '.join(plans)} |")
     return "\n".join(rows)
 
 
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
     parser.add_argument("--tokens", type=int, default=77, help="conditioning length (CLIP: 77)")
     parser.add_argument("--vae-tile", type=int, default=0, help="the node's vae_tile in pixels (0: the largest that fits)")
+    parser.add_argument("--denoiser-gradient", default="auto", choices=("auto", "full", "checkpointed"),
+                        help="the node's denoiser_gradient for gradient full (dps.recompute)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", action="store_true")
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.configs.split(","):
         config = {"name": name, "size": args.size, "steps": args.steps, "threads": args.threads,
-                  "tokens": args.tokens, "pack": pack, "vae_tile": args.vae_tile}
+                  "tokens": args.tokens, "pack": pack, "vae_tile": args.vae_tile,
+                  "denoiser_gradient": args.denoiser_gradient}
         result = _child(config, args.timeout)
         print(json.dumps(result), file=sys.stderr, flush=True)
         results.append(result)

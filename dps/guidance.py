@@ -50,6 +50,7 @@ import torch
 from .autograd_safe import autograd_safe
 from .noise import NoiseModel
 from .operators import Operator
+from .recompute import BlockRecompute
 from .rules import DEFAULTS, RULES, StepRule, ddpm_step_size, denoised_correction, get_rule
 from .validate import check_callable, check_number, check_tensor
 from .vae_gradient import DecoderGradient
@@ -109,6 +110,8 @@ class DPSGuidance:
             ``decoder``. The gradient is then taken in two parts by the chain rule: the latent gradient
             ``J_Dᵀ ∂d/∂image`` by the planned mode, then (mode "full") that pulled back through the denoiser,
             so the decoder's graph never grows the denoiser's (the denoiser's graph is held meanwhile).
+        denoiser_recompute: in mode "full", the denoiser blocks whose activations are recomputed in the backward
+            pass instead of kept (``dps.recompute``; exact); host adapters set it on the host's denoiser network.
         fallback_on_oom: in mode "full", an out-of-memory error (``torch.OutOfMemoryError``, a GPU's) while
             differentiating through the denoiser frees the graph and redoes the evaluation in mode "x0_only",
             which keeps only the decoder's (memory-bounded) graph; the guidance then stays in "x0_only" and
@@ -130,6 +133,7 @@ class DPSGuidance:
     sigma_data: float = 0.5
     inplace_safe: bool = False
     decoder_gradient: DecoderGradient | None = None
+    denoiser_recompute: BlockRecompute | None = None
     fallback_on_oom: bool = False
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -195,7 +199,9 @@ class DPSGuidance:
         with torch.inference_mode(False), torch.enable_grad(), mutation:
             x = autograd_safe(x_t).detach().requires_grad_(self.mode == "full")
             if self.mode == "full":
-                x0_hat = x0_fn(x)
+                recompute = self.denoiser_recompute
+                with recompute.active(x.device) if recompute is not None else nullcontext():
+                    x0_hat = x0_fn(x)
                 leaf = x
             else:
                 with torch.no_grad():

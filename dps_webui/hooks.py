@@ -49,6 +49,13 @@ class Job:
     first_distance: torch.Tensor | None = None
     last_distance: torch.Tensor | None = None
     log: Log = console
+    told: set[str] = field(default_factory=set)
+
+    def tell(self, message: str) -> None:
+        """Say ``message`` on the console once per job, without writing it into the image's infotext."""
+        if message not in self.told:
+            self.told.add(message)
+            self.log(message)
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -268,6 +275,9 @@ class DenoiserWrapper:
         result = self.guidance.evaluate(x, x0_fn)
         for note in self.guidance.notes:   # e.g. the fall-back to x0_only after running out of memory
             self.job.note(note)
+        recompute = self.guidance.denoiser_recompute
+        if recompute is not None and recompute.planned and self.guidance.mode == "full":
+            self.job.tell(f"gradient through the UNet: {recompute.reason}")
         self._clean_side_outputs()
         out = holder["out"].detach()
         self.job.record(result.distance, result.skipped)

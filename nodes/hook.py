@@ -17,7 +17,9 @@ documented surface only, so tests drive this module with small fakes.
 
 The gradient through the decoder is taken by ``dps.vae_gradient`` (``vae_gradient``: auto picks full,
 checkpointed or tiled from the free memory); with a fast decoder (TAESD) and ``fast_decoder_end`` < 1 the fast
-decoder guides the noisy part of the schedule and the real VAE the rest.
+decoder guides the noisy part of the schedule and the real VAE the rest. The gradient through the model
+(``gradient: full``) recomputes the activations of the ``diffusion_model``'s blocks where keeping them would not
+fit (``dps.recompute``, ``Settings.denoiser_gradient``, auto by default).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from ..dps.guidance import MODES, RULES, DPSGuidance
+from ..dps.recompute import DENOISER_GRADIENTS, BlockRecompute
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
@@ -64,6 +67,7 @@ class Settings:
     vae_tile: int = 0                        # image pixels per tile side for vae_gradient "tiled"; 0 = automatic
     fast_decoder_end: float = 1.0
     vae_memory_budget: float | None = None   # bytes; None: half the free memory (dps.vae_gradient.free_memory)
+    denoiser_gradient: str = "auto"          # dps.recompute: which UNet/DiT blocks recompute in gradient "full"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -74,6 +78,8 @@ class Settings:
             raise ValueError(f"VAE decode precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.vae_gradient not in VAE_GRADIENTS:
             raise ValueError(f"vae_gradient must be one of {VAE_GRADIENTS}, got {self.vae_gradient!r}")
+        if self.denoiser_gradient not in DENOISER_GRADIENTS:
+            raise ValueError(f"denoiser_gradient must be one of {DENOISER_GRADIENTS}, got {self.denoiser_gradient!r}")
         if self.vae_tile < 0:
             raise ValueError(f"vae_tile must be 0 (automatic) or a tile side in pixels, got {self.vae_tile}")
         if not 0.0 <= self.fast_decoder_end <= 1.0:
@@ -211,7 +217,7 @@ class DPSPatch:
         guider = getattr(executor, "class_obj", None)
         patcher = getattr(guider, "model_patcher", None)
         y = self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
-        self.run = self._start_run(y)
+        self.run = self._start_run(y, getattr(getattr(patcher, "model", None), "diffusion_model", None))
         sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
@@ -242,7 +248,7 @@ class DPSPatch:
         if self.interrupt is not None:
             self.interrupt()
         if self.run is None:   # sampled without the OUTER_SAMPLE wrapper
-            self.run = self._start_run(self.validate(x.shape, None))
+            self.run = self._start_run(self.validate(x.shape, None), getattr(inner, "diffusion_model", None))
         self._inner = inner
         self._make_autograd_safe(guider, inner)
         guidance = self._guidance_at(sigma, inner)
@@ -254,6 +260,11 @@ class DPSPatch:
 
         result = guidance.evaluate(x, x0_fn)
         self._log_plan(guidance, result.x0_hat)
+        recompute = guidance.denoiser_recompute
+        if recompute is not None and recompute.planned and guidance.mode == "full" \
+                and recompute.reason not in self.run.logged:
+            self.run.logged.add(recompute.reason)
+            log.info("DPS: gradient through the model: %s", recompute.reason)
         for note in guidance.notes:
             if note not in self.run.logged:
                 self.run.logged.add(note)
@@ -310,15 +321,19 @@ class DPSPatch:
                      "first order", name, len(far), len(sigmas) - 1, filt.max_gain)
         return filt
 
-    def _start_run(self, y: torch.Tensor) -> RunState:
+    def _start_run(self, y: torch.Tensor, network: nn.Module | None) -> RunState:
+        """The run's guidance objects; ``network`` is the model's denoiser network (``diffusion_model``), whose
+        blocks recompute their activations in gradient "full" (``dps.recompute``)."""
         run = RunState()
         s = self.settings
+        recompute = BlockRecompute(network, mode=s.denoiser_gradient) \
+            if isinstance(network, nn.Module) and s.mode == "full" else None
 
         def guidance(decoder_gradient: DecoderGradient) -> DPSGuidance:
             return DPSGuidance(operator=self.operator, noise=self.noise, y=y, zeta=s.zeta, rule=s.rule, mode=s.mode,
                                decoder_gradient=decoder_gradient, on_nonfinite=s.on_nonfinite,
                                inplace_safe=True,   # ControlNet residuals are added in place in the UNet
-                               fallback_on_oom=True)
+                               denoiser_recompute=recompute, fallback_on_oom=True)
 
         def gradient(module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                      ratio: int) -> DecoderGradient:

@@ -13,6 +13,7 @@ import math
 import torch
 
 from dps.guidance import DPSGuidance
+from dps.recompute import BlockRecompute
 from dps.operators import registry
 from dps.vae_gradient import VAE_GRADIENTS
 from dps_webui import hooks, measure, xyz
@@ -258,11 +259,13 @@ if scripts is not None:
                 else:
                     gradient = hooks.vae_gradient(lambda: getattr(shared, "sd_model", None) or p.sd_model,
                                                   settings.vae_gradient)
+                unet = getattr(getattr(p.sd_model, "model", None), "diffusion_model", None)
+                recompute = BlockRecompute(unet) if mode == "full" and isinstance(unet, torch.nn.Module) else None
                 state.guidance[key] = DPSGuidance(operator, build_noise(settings), y, zeta=settings.zeta,
                                                   rule=settings.rule, mode=mode, decoder_gradient=gradient,
                                                   start=settings.start, end=settings.end, on_nonfinite="skip",
                                                   sigma_data=LATENT_SIGMA_DATA, inplace_safe=True,
-                                                  fallback_on_oom=True)
+                                                  denoiser_recompute=recompute, fallback_on_oom=True)
             return state.guidance[key]
 
         def _measurement(self, p, settings: DPSSettings, height: int, width: int):

@@ -21,6 +21,7 @@ Threads: ``COMFYUI_TEST_THREADS`` (default 1).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -90,6 +91,23 @@ def spy_alpha(hook) -> list:
     return seen
 
 
+def spy_gradients(hook) -> list:
+    """Record the gradient of every guidance evaluation and the recomputation the guidance used (blocks chosen,
+    blocks in all): wraps ``DPSGuidance.evaluate`` of the pack's core."""
+    seen: list = []
+    cls = hook.DPSGuidance
+    original = cls.evaluate
+
+    def recording(self, x_t, x0_fn):
+        result = original(self, x_t, x0_fn)
+        rc = getattr(self, "denoiser_recompute", None)
+        seen.append((result.grad.detach().clone(), None if rc is None else (len(rc.chosen or []), len(rc.blocks))))
+        return result
+
+    cls.evaluate = recording
+    return seen
+
+
 def host_alpha(model_sampling, sigma: float) -> float:
     """α of x = α x0 + σ ε as ComfyUI's own noise_scaling defines it (latent 1, noise 0)."""
     with torch.no_grad():
@@ -135,8 +153,8 @@ def run_family(name: str, pack: str, modes: list) -> dict:
         return nodes.common_ksampler(m, 7, steps, cfg, "euler", "normal", fam.positive, fam.negative, latent,
                                      denoise=1.0)[0]["samples"]
 
-    def guide(mode, steps: int, cfg: float):
-        settings = settings_for(hook, mode)
+    def guide(mode, steps: int, cfg: float, **kw):
+        settings = settings_for(hook, mode, **kw)
         guided, patch = hook.apply_dps(model, vae, y_img, op, noise, settings,
                                        interrupt=mm.throw_exception_if_processing_interrupted,
                                        wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
@@ -182,6 +200,19 @@ def run_family(name: str, pack: str, modes: list) -> dict:
             ref = outputs.get("full", one)
             out["one_step"][mode]["rel_diff_vs_full"] = float((one - ref).norm() / ref.norm())
         out["one_step_peak_gb"] = round(peak_gb(), 2)
+        # The denoiser's blocks recomputed in the backward pass (dps.recompute) against the plain backward pass:
+        # one guided step at CFG 1, the same gradient expected (the same arithmetic).
+        fields = {f.name for f in dataclasses.fields(hook.Settings)}
+        if "denoiser_gradient" in fields:
+            grads = spy_gradients(hook)
+            out["denoiser"] = {}
+            for dg in ("full", "checkpointed"):
+                grads.clear()
+                guide(modes[0], 1, 1.0, denoiser_gradient=dg)
+                out["denoiser"][dg] = {"recomputed": grads[0][1], "grad": grads[0][0]}
+            ref, rec = out["denoiser"]["full"].pop("grad"), out["denoiser"]["checkpointed"].pop("grad")
+            out["denoiser"]["rel_diff"] = float((rec - ref).norm() / ref.norm())
+            out["denoiser"]["grad_norm"] = float(ref.norm())
     out["vjp"] = vjp_agreement(hook, patch, x0) if modes != [None] else {}
     out["peak_gb"] = round(peak_gb(), 2)
     return out

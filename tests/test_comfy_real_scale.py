@@ -129,6 +129,19 @@ def test_guided_ksampler_real_architecture(family, family_result):
     assert main["decode_saturated"] < 0.5                                 # most pixels are compared unclamped
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_denoiser_gradient_real_architecture(family, family_result):
+    """Gradient "full" through the family's real denoiser with every block recomputed in the backward pass
+    (``dps.recompute``, what "auto" does when the plain backward does not fit) equals the plain backward pass."""
+    r = family_result(family)
+    assert "denoiser" in r, "nodes.hook.Settings has no denoiser_gradient"
+    d = r["denoiser"]
+    chosen, total = d["checkpointed"]["recomputed"]
+    assert total > 4 and chosen == total, d                    # the family's blocks were found and all recomputed
+    assert d["full"]["recomputed"][0] == 0, d
+    assert d["grad_norm"] > 0 and d["rel_diff"] < 1e-5, d
+
+
 @pytest.mark.parametrize("mode", MODES[1:] if MODES != [None] else [])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vae_gradient_mode_real_architecture(family, mode, family_result):

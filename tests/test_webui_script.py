@@ -81,6 +81,17 @@ def test_a1111_guidance_lowers_the_residual_and_writes_infotext(webui, func):
     assert "forward" not in vars(p.sampler.model_wrap_cfg), "the wrapper is removed in postprocess"
 
 
+def test_a1111_full_gradient_recomputes_the_unet_blocks_when_told(webui, capsys):
+    """Gradient full in A1111 goes through dps.recompute on the UNet (said once on the console)."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    guided, info = a1111_run(webui, host.Processing(sd_model), args_for(image=upload))
+    told = [line for line in capsys.readouterr().err.splitlines() if "gradient through the UNet:" in line]
+    assert len(told) == 1 and "plain backward pass" in told[0], told
+    _, info = a1111_run(webui, host.Processing(sd_model), args_for(image=upload, mode="x0_only"))
+    assert not [line for line in capsys.readouterr().err.splitlines() if "gradient through the UNet" in line]
+
+
 def test_a1111_multistep_sampler_gets_the_filtered_correction(webui):
     """DPM++ 2M in the WebUI: the correction goes through the 2M family's filter (dps.samplers), as in ComfyUI."""
     sd_model = host.SdModel()
