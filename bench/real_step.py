@@ -6,7 +6,9 @@ image size, unguided and guided through the node's hook (``nodes.hook.apply_dps`
 test picture). Each configuration runs in a fresh subprocess; what it reports:
 
 * ``step_s``: seconds per sampling step, the mean over ``--steps`` steps after one warm-up step (ComfyUI's
-  own first-call costs and the VAE gradient's memory probe land in the warm-up);
+  own first-call costs, the VAE gradient's memory probe and the model's block measurement, ``dps.recompute``,
+  land in the warm-up) and before the last step, timed apart as ``last_s`` (guided, it adds the final
+  refinement's decoder gradients, ``dps.host.final_refinement``);
 * ``peak_gib``: the peak resident memory of the whole process (model weights included; VmHWM, Linux) during the
   sampling, and ``peak_above_gib`` the part above the resident memory before it.
 
@@ -55,6 +57,9 @@ def run_one(config: dict) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import comfy_families as cf
     cf.setup_comfy()
+    if config.get("attention") == "pytorch":      # ComfyUI's --use-pytorch-cross-attention, its NVIDIA default
+        import comfy.cli_args
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     os.chdir(os.environ["COMFYUI_PATH"])
     import asyncio
 
@@ -91,7 +96,8 @@ def run_one(config: dict) -> dict:
             surrogate.load_state_dict(sd)
             surrogate = surrogate.float().eval().requires_grad_(False)
         settings = hook.Settings(mode=gradient, vae_gradient=mode, vae_tile=config.get("vae_tile", 0),
-                                 denoiser_gradient=config.get("denoiser_gradient", "auto"))
+                                 denoiser_gradient=config.get("denoiser_gradient", "auto"),
+                                 memory_budget=config["budget_gib"] * 2**30 if config.get("budget_gib") else None)
         model, patch = hook.apply_dps(fam.model, fam.vae, y_img, op, noise, settings, surrogate=surrogate,
                                       interrupt=mm.throw_exception_if_processing_interrupted,
                                       wrapper_types=(pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE))
@@ -104,7 +110,7 @@ def run_one(config: dict) -> dict:
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     import comfy.sample
     import comfy.samplers
-    steps = config["steps"] + 1
+    steps = config["steps"] + 2         # a warm-up step, the timed steps, the last step
     with torch.inference_mode():
         noise_t = comfy.sample.prepare_noise(latent["samples"], 7)
         rss_before = _status("VmRSS")
@@ -115,8 +121,10 @@ def run_one(config: dict) -> dict:
         peak = _status("VmHWM")
     marks = [start] + times
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    out = {"config": config["name"], "size": size, "vae_tile": config.get("vae_tile", 0), "steps": config["steps"], "finite": bool(torch.isfinite(samples).all()),
-           "warmup_s": round(per_step[0], 2), "step_s": round(sum(per_step[1:]) / max(1, len(per_step) - 1), 2),
+    out = {"config": config["name"], "size": size, "attention": config.get("attention", "default"),
+           "budget_gib": config.get("budget_gib") or None, "vae_tile": config.get("vae_tile", 0), "steps": config["steps"], "finite": bool(torch.isfinite(samples).all()),
+           "warmup_s": round(per_step[0], 2), "step_s": round(sum(per_step[1:-1]) / (len(per_step) - 2), 2) if len(per_step) > 2 else None,
+           "last_s": round(per_step[-1], 2),
            "peak_gib": round(peak / 2**30, 2), "peak_above_gib": round((peak - rss_before) / 2**30, 2),
            "threads": config["threads"]}
     if patch is not None and patch.last_run is not None:
@@ -154,9 +162,11 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['size']} | {r['config']} | failed: {r['error'][-120:]} | | | | | |")
             continue
         b = base.get(r["size"])
-        ratio_t = f"{r['step_s'] / b['step_s']:.2f}" if b else ""
+        ratio_t = f"{r['step_s'] / b['step_s']:.2f}" if b and r["step_s"] and b["step_s"] else ""
         ratio_m = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else ""
         plans = sorted(set(r.get("plans", [])))
+        if r.get("budget_gib"):
+            plans.append(f"budget {r['budget_gib']:g} GiB")
         if "denoiser_recomputed" in r:
             chosen, total = r["denoiser_recomputed"]
             plans.append(f"model: {chosen}/{total} blocks recomputed ({r['denoiser_gradient']})")
@@ -169,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps between the warm-up step and the last step (0: memory only)")
     parser.add_argument("--tokens", type=int, default=77, help="conditioning length (CLIP: 77)")
     parser.add_argument("--vae-tile", type=int, default=0, help="the node's vae_tile in pixels (0: the largest that fits)")
     parser.add_argument("--denoiser-gradient", default="auto", choices=("auto", "full", "checkpointed"),
                         help="the node's denoiser_gradient for gradient full (dps.recompute)")
+    parser.add_argument("--attention", default="default", choices=("default", "pytorch"),
+                        help="ComfyUI's attention: its CPU default (sub-quadratic, which keeps the softmax for a "
+                             "backward pass) or pytorch's scaled_dot_product_attention, its default on NVIDIA GPUs")
+    parser.add_argument("--budget-gib", type=float, default=0,
+                        help="the memory the gradient may use (the node's memory_budget; 0: half the free memory), "
+                             "e.g. what a smaller card has left after the weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", action="store_true")
@@ -203,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs.split(","):
         config = {"name": name, "size": args.size, "steps": args.steps, "threads": args.threads,
                   "tokens": args.tokens, "pack": pack, "vae_tile": args.vae_tile,
-                  "denoiser_gradient": args.denoiser_gradient}
+                  "denoiser_gradient": args.denoiser_gradient, "attention": args.attention,
+                  "budget_gib": args.budget_gib}
         result = _child(config, args.timeout)
         print(json.dumps(result), file=sys.stderr, flush=True)
         results.append(result)

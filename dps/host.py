@@ -96,14 +96,16 @@ def is_last_step(sigma: float, delta_sigma: float | None) -> bool:
     return delta_sigma is not None and sigma > 0 and delta_sigma >= sigma * (1 - 1e-6)
 
 
-def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = FINAL_ITERATIONS) -> torch.Tensor:
+def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = FINAL_ITERATIONS,
+                     distances: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The guided prediction of the step to σ = 0, which the sampler returns as the sample, moved up to
     ``iterations`` Polyak steps toward the noise floor in x0-space: ``x0 ← x0 − min(ζ, 1)P(x0)`` with
     ``P = (d − d*)₊/‖∇d‖² ∇d`` and ``∇d`` the gradient of ``d(x0) = ‖y − A(D(x0))‖`` through the decoder alone
     (no denoiser: at σ = 0 Tweedie's estimate is the sample), its trust region RMS(P) ≤ max(RMS(x0), 1)/ζ. A step
     is kept per sample only where it lowers d, else that sample's next try is half as long: P is a
     linearisation, and through a nonlinear decoder a full step can overshoot. Where d ≤ d* the step is zero, so the
-    measurement's noise is not fitted. ``iterations + 1`` evaluations of the decoder's gradient.
+    measurement's noise is not fitted. ``iterations + 1`` evaluations of the decoder's gradient. With
+    ``distances`` (a host's list of per-sample residuals), the residual of the returned image is appended to it.
 
     Why: one guided evaluation linearises ``A∘D`` around a prediction that is still being formed, and its step
     removes the excess residual only to first order; the last evaluation is the last chance. It weighs most on
@@ -130,6 +132,8 @@ def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = 
         result = GuidanceResult(x0_hat=z, distance=torch.where(better, trial.distance, result.distance),
                                 grad=torch.where(keep.to(trial.grad.device), trial.grad, result.grad))
         scale = torch.where(better, scale, scale / 2)
+    if distances is not None:
+        distances.append(result.distance.detach().cpu())
     return z
 
 

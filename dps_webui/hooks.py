@@ -48,6 +48,7 @@ class Job:
     skipped_calls: int = 0
     first_distance: torch.Tensor | None = None
     last_distance: torch.Tensor | None = None
+    refined: list[torch.Tensor] = field(default_factory=list)   # the residual after the last step's refinement
     log: Log = console
     told: set[str] = field(default_factory=set)
 
@@ -290,7 +291,7 @@ class DenoiserWrapper:
         correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x), result.x0_hat)
         guided = result.x0_hat + correction                 # result.x0_hat is out
         if is_last_step(s, delta):                          # the sample itself: brought to the noise floor
-            guided = final_refinement(self.guidance, guided)
+            guided = final_refinement(self.guidance, guided, distances=self.job.refined)
         return guided.to(out.dtype)
 
     def _clean_side_outputs(self) -> None:
@@ -371,7 +372,7 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             job.record(result.distance, result.skipped)
             guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x), result.x0_hat)
             if is_last_step(s, delta):
-                guided = final_refinement(guidance, guided)
+                guided = final_refinement(guidance, guided, distances=job.refined)
             return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False

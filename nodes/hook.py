@@ -66,7 +66,8 @@ class Settings:
     vae_gradient: str = "auto"
     vae_tile: int = 0                        # image pixels per tile side for vae_gradient "tiled"; 0 = automatic
     fast_decoder_end: float = 1.0
-    vae_memory_budget: float | None = None   # bytes; None: half the free memory (dps.vae_gradient.free_memory)
+    memory_budget: float | None = None       # bytes the gradient's activations may use (VAE and model); None:
+                                             # half the free memory (dps.vae_gradient.free_memory)
     denoiser_gradient: str = "auto"          # dps.recompute: which UNet/DiT blocks recompute in gradient "full"
 
     def __post_init__(self) -> None:
@@ -98,6 +99,7 @@ class RunState:
     fast_guidance: DPSGuidance | None = None
     decoder_copy: nn.Module | None = None
     distances: list[torch.Tensor] = field(default_factory=list)
+    refined: list[torch.Tensor] = field(default_factory=list)    # the residual after the last step's refinement
     logged: set = field(default_factory=set)
     sampler_filter: CorrectionFilter | None = None
     stages: StageClock | None = None
@@ -280,7 +282,10 @@ class DPSPatch:
             correction = stages.first_feed(correction)
         out = result.x0_hat + correction
         if is_last_step(sigma, delta):      # the sampler returns this prediction: bring it to the noise floor
-            out = final_refinement(guidance, out)
+            out = final_refinement(guidance, out, distances=self.run.refined)
+            if self.report is not None and self.run.refined:
+                self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode,
+                                          refined=self.run.refined[-1]))
         if self.interrupt is not None:
             self.interrupt()
         return out
@@ -326,7 +331,7 @@ class DPSPatch:
         blocks recompute their activations in gradient "full" (``dps.recompute``)."""
         run = RunState()
         s = self.settings
-        recompute = BlockRecompute(network, mode=s.denoiser_gradient) \
+        recompute = BlockRecompute(network, mode=s.denoiser_gradient, budget=s.memory_budget) \
             if isinstance(network, nn.Module) and s.mode == "full" else None
 
         def guidance(decoder_gradient: DecoderGradient) -> DPSGuidance:
@@ -338,7 +343,7 @@ class DPSPatch:
         def gradient(module: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                      ratio: int) -> DecoderGradient:
             tile = -(-s.vae_tile // ratio) if s.vae_tile else 0      # pixels -> latent pixels, rounded up
-            return DecoderGradient(module, call, mode=s.vae_gradient, tile=tile, budget=s.vae_memory_budget)
+            return DecoderGradient(module, call, mode=s.vae_gradient, tile=tile, budget=s.memory_budget)
 
         if self.surrogate is not None:
             run.fast_guidance = guidance(gradient(self.surrogate, self._surrogate_call, 8))
@@ -421,18 +426,23 @@ class DPSPatch:
         self.last_run = run
         if run is not None and run.distances:
             first, last = run.distances[0], run.distances[-1]
-            log.info("DPS: measurement residual %s -> %s over %d guided evaluations",
-                     [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances))
+            log.info("DPS: measurement residual %s -> %s over %d guided evaluations%s",
+                     [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances),
+                     f", {[round(float(v), 4) for v in run.refined[-1]]} after the last step's refinement"
+                     if run.refined else "")
 
 
-def progress_text(distances: list[torch.Tensor], fell_back: bool = False) -> str:
+def progress_text(distances: list[torch.Tensor], fell_back: bool = False, refined: torch.Tensor | None = None) -> str:
     """The line shown on the sampler node while it runs: the measurement residual ‖y − A(D(x0_hat))‖ of the
-    first and the latest guided evaluation (the mean over the batch); ``fell_back``: the gradient fell back to
-    x0_only after running out of memory (``DPSGuidance.fallback_on_oom``)."""
+    first and the latest guided evaluation (the mean over the batch), or ``refined``, the sample's own after the
+    last step's refinement (``dps.host.final_refinement``); ``fell_back``: the gradient fell back to x0_only
+    after running out of memory (``DPSGuidance.fallback_on_oom``)."""
     first, last = (float(d.float().mean()) for d in (distances[0], distances[-1]))
     batch = distances[-1].numel()
     mean = f" (mean of {batch} images)" if batch > 1 else ""
-    return (f"DPS: measurement residual ‖y − A(x̂0)‖ {last:.4g}, from {first:.4g} "
+    now = f"{float(refined.float().mean()):.4g} after the last step's refinement" if refined is not None \
+        else f"{last:.4g}"
+    return (f"DPS: measurement residual ‖y − A(x̂0)‖ {now}, from {first:.4g} "
             f"({len(distances)} guided evaluation{'' if len(distances) == 1 else 's'}){mean}"
             + ("; gradient x0_only after running out of memory" if fell_back else ""))
 

@@ -230,8 +230,9 @@ if scripts is not None:
                 hooks.DenoiserWrapper.uninstall(sampler.model_wrap_cfg)
             if state is not None and state.job.last_distance is not None:
                 job = state.job
+                refined = f", {job.refined[-1].mean():.4g} after the last step's refinement" if job.refined else ""
                 hooks.console(f"measurement distance {job.first_distance.mean():.4g} -> {job.last_distance.mean():.4g}"
-                              f" over {job.guided_calls} guided denoiser calls ({job.skipped_calls} skipped)")
+                              f" over {job.guided_calls} guided denoiser calls ({job.skipped_calls} skipped){refined}")
 
         # -- building blocks -------------------------------------------------------------------------------
 

@@ -458,14 +458,18 @@ def test_progress_lines_report_the_falling_residual():
     with torch.inference_mode():
         guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings(), report=lines.append)
     run(guided, vae)
-    distances = patch.last_run.distances
-    assert len(lines) == len(distances) == len(SIGMAS) - 1
-    pattern = re.compile(r"DPS: measurement residual .+ (\S+), from (\S+) \((\d+) guided evaluations?\)$")
+    distances, refined = patch.last_run.distances, patch.last_run.refined
+    assert len(lines) == len(distances) + 1 == len(SIGMAS) and len(refined) == 1   # + the last step's refinement
+    pattern = re.compile(r"DPS: measurement residual ‖y − A\(x̂0\)‖ (\S+)( after the last step's refinement)?, "
+                         r"from (\S+) \((\d+) guided evaluations?\)$")
     assert all(pattern.match(line) for line in lines), lines
-    last, first, count = (float(v) for v in pattern.match(lines[-1]).groups())
-    assert count == len(distances)
-    assert last == pytest.approx(float(distances[-1][0]), rel=1e-3)
-    assert first == pytest.approx(float(distances[0][0]), rel=1e-3) and last < first
+    assert [bool(pattern.match(line).group(2)) for line in lines] == [False] * len(distances) + [True]
+    last, _, first, count = pattern.match(lines[-2]).groups()
+    assert int(count) == len(distances)
+    assert float(last) == pytest.approx(float(distances[-1][0]), rel=1e-3)
+    assert float(first) == pytest.approx(float(distances[0][0]), rel=1e-3) and float(last) < float(first)
+    final = float(pattern.match(lines[-1]).group(1))
+    assert final == pytest.approx(float(refined[0][0]), rel=1e-3) and final <= float(last)
 
 
 def test_out_of_memory_through_the_unet_falls_back_to_x0_only_and_the_run_finishes(caplog):

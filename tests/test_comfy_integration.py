@@ -273,10 +273,17 @@ def test_measure_preview_and_the_residual_on_the_sampler_node(server):
     assert history["status"]["status_str"] == "success", history["status"]
     preview = history["outputs"]["7"]["images"]                 # DPS Measure shows its measurement
     assert len(preview) == 1 and preview[0]["type"] == "temp" and preview[0]["filename"].endswith(".png")
-    lines = texts.get("11", [])                                 # on the guided KSampler, one line per evaluation
-    assert len(lines) == 4 and all(line.startswith("DPS: measurement residual") for line in lines), texts
-    last, first = (float(v) for v in lines[-1].split("‖ ", 1)[1].split(" (")[0].split(", from "))
-    assert last < first
+    lines = texts.get("11", [])          # on the guided KSampler, one line per evaluation and one after the last
+    assert len(lines) == 5 and all(line.startswith("DPS: measurement residual") for line in lines), texts
+    assert "after the last step's refinement" in lines[-1] and "refinement" not in lines[-2], lines
+
+    def now_and_first(line: str) -> tuple[float, float]:
+        head, first = line.split("‖ ", 1)[1].split(", from ")
+        return float(head.split()[0]), float(first.split()[0])
+
+    last, first = now_and_first(lines[-2])
+    refined, first_again = now_and_first(lines[-1])
+    assert last < first and first_again == first and refined <= last
 
 
 def test_server_malformed_workflows_get_node_errors(server):
