@@ -162,7 +162,12 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['size']} | {r['config']} | failed: {r['error'][-120:]} | | | | | |")
             continue
         b = base.get(r["size"])
-        ratio_t = f"{r['step_s'] / b['step_s']:.2f}" if b and r["step_s"] and b["step_s"] else ""
+        seconds = r["step_s"]
+        if seconds is None:           # --steps 0: the first (warm-up) and the last step only
+            seconds = f"{r['warmup_s']} / {r['last_s']} (first / last)"
+            ratio_t = f"{r['warmup_s'] / b['warmup_s']:.2f} / {r['last_s'] / b['last_s']:.2f}" if b else ""
+        else:
+            ratio_t = f"{r['step_s'] / b['step_s']:.2f}" if b and b["step_s"] else ""
         ratio_m = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else ""
         plans = sorted(set(r.get("plans", [])))
         if r.get("budget_gib"):
@@ -170,7 +175,7 @@ def table(results: list[dict]) -> str:
         if "denoiser_recomputed" in r:
             chosen, total = r["denoiser_recomputed"]
             plans.append(f"model: {chosen}/{total} blocks recomputed ({r['denoiser_gradient']})")
-        rows.append(f"| {r['size']} | {r['config']} | {r['step_s']} | {ratio_t} | {r['peak_gib']} | {ratio_m} | "
+        rows.append(f"| {r['size']} | {r['config']} | {seconds} | {ratio_t} | {r['peak_gib']} | {ratio_m} | "
                     f"{r['peak_above_gib']} | {', '.join(plans)} |")
     return "\n".join(rows)
 
