@@ -23,7 +23,7 @@ image keeps the plain backward pass (no recomputation) and SDXL at 1024 px recom
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -169,7 +169,7 @@ class _Call:
             raise RuntimeError("a recomputed block's own graph is never differentiated")
 
         enabled, dtype = self.autocast
-        autocast = torch.autocast(self.device_type, dtype=dtype) if enabled else _nothing()
+        autocast = torch.autocast(self.device_type, dtype=dtype) if enabled else nullcontext()
         cuda = [self.device] if self.device.type == "cuda" else []
         self.busy.append((self, None))
         try:
@@ -186,11 +186,6 @@ class _Call:
                 "forward pass: it does not compute the same way twice (dropout in training mode?). Set the "
                 "denoiser gradient to 'full' (no recomputation) or gradient to 'x0_only'")
         return kept
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @dataclass
