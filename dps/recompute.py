@@ -22,7 +22,6 @@ image keeps the plain backward pass (no recomputation) and SDXL at 1024 px recom
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -30,22 +29,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .vae_gradient import free_memory
+from .vae_gradient import _CONTAINERS, _is_composite, _size, free_memory
 
 __all__ = ["DENOISER_GRADIENTS", "SHARE", "BlockRecompute", "blocks", "RecomputeMismatchError"]
 
 DENOISER_GRADIENTS = ("auto", "full", "checkpointed")
 SHARE = 0.25      # "auto" keeps the plain backward of blocks whose saved tensors fit in this share of the budget
-_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 class RecomputeMismatchError(RuntimeError):
     """A block saved a different number of tensors when recomputed: it is not deterministic (dropout in training
     mode, data-dependent control flow), so its gradient cannot be recomputed."""
-
-
-def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -59,7 +53,7 @@ def blocks(model: nn.Module) -> list[nn.Module]:
         if root or isinstance(m, _CONTAINERS):
             for child in m.children():
                 visit(child, False)
-        elif any(_has_parameters(c) for c in m.children()):
+        elif _is_composite(m):
             found.append(m)
 
     visit(model, True)
@@ -119,16 +113,16 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
 class _Call:
     """One call of one block: what the graph needs to recompute its saved tensors."""
 
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, parameters: set[int], busy: list) -> None:
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, parameters: set[int] | None,
+                 busy: list) -> None:
         self.module = module
         self.busy = busy        # the calls under way: a block's hooks do nothing while one is recomputed
         self.inputs = _snapshot((args, kwargs))
         first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        self.device_type = first.device.type if first is not None else "cpu"
-        self.autocast = _autocast_state(self.device_type)
         self.device = first.device if first is not None else torch.device("cpu")
+        self.autocast = _autocast_state(self.device.type)
         self.rng = _rng_state(self.device)          # dropout draws the same mask when recomputed
-        self.parameters = parameters
+        self.parameters = parameters                # the model's storages; None: the saved bytes are not counted
         self.count = 0
         self.nbytes = 0
         self._storages: set[int] = set()
@@ -139,6 +133,8 @@ class _Call:
     def pack(self, t: torch.Tensor) -> int:
         index = self.count
         self.count += 1
+        if self.parameters is None:
+            return index
         try:
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
@@ -169,7 +165,7 @@ class _Call:
             raise RuntimeError("a recomputed block's own graph is never differentiated")
 
         enabled, dtype = self.autocast
-        autocast = torch.autocast(self.device_type, dtype=dtype) if enabled else nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=dtype) if enabled else nullcontext()
         cuda = [self.device] if self.device.type == "cuda" else []
         self.busy.append((self, None))
         try:
@@ -230,8 +226,9 @@ class BlockRecompute:
         if not chosen:
             yield
             return
-        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        parameters |= {b.untyped_storage().data_ptr() for b in self.model.buffers()}
+        parameters = None                  # counted only while measuring (the plan is made once)
+        if self.chosen is None:
+            parameters = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.model.buffers()]}
         current: list[tuple[_Call, nn.Module | None]] = []   # (call, its module), or (call, None) when recomputed
         index = {id(m): i for i, m in enumerate(self.blocks)}
 
@@ -285,7 +282,3 @@ class BlockRecompute:
                            f"instead of ~{_size(total)} (budget {_size(budget)})")
 
 
-def _size(nbytes: float) -> str:
-    if not math.isfinite(nbytes):
-        return "unlimited"
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
