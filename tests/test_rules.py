@@ -197,3 +197,23 @@ def test_the_last_prediction_is_brought_to_the_noise_floor_and_no_further():
     paper = DPSGuidance(Inpainting(mask), noise, y, zeta=1.0, rule="dps")
     assert torch.equal(final_refinement(paper, x0), x0)
     assert is_last_step(0.17, 0.17) and not is_last_step(0.17, 0.16) and not is_last_step(0.17, None)
+
+
+def test_one_guided_step_moves_x_by_at_most_a_share_of_the_next_level():
+    """``dps.host.step_limit``: when one step jumps far down the schedule (few steps), the Euler move ``(Δσ/σ)·c``
+    of the correction is at most ``MOVE_SHARE·√(σ_next² + RMS(x0_hat)²)``; with a small step, and on the step to
+    σ = 0, the trust region is the sample's own RMS as before."""
+    from dps.host import MOVE_SHARE, guided_correction, step_limit
+    from dps.guidance import rms
+    op, y, _ = _problem(batch=2)
+    x = 10.0 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    guidance = DPSGuidance(op, Gaussian(0.05), y, zeta=1.0, rule="polyak")
+    result = guidance.evaluate(x, lambda x_: 0.01 * x_)          # a denoiser that hardly follows x: long Polyak step
+    sigma, delta = 10.0, 8.0                                      # σ_next = 2
+    move = rms(guided_correction(result, guidance, sigma, delta, x)) * delta / sigma
+    size_next = (2.0**2 + rms(result.x0_hat).square()).sqrt()
+    torch.testing.assert_close(move, MOVE_SHARE * size_next)     # the bound acts, per sample
+    torch.testing.assert_close(step_limit(x, result.x0_hat, sigma, 0.5), rms(x))       # many steps: RMS(x)
+    torch.testing.assert_close(step_limit(x, result.x0_hat, sigma, sigma), rms(x))     # the step to σ = 0
+    torch.testing.assert_close(step_limit(x, result.x0_hat, sigma, None), rms(x))      # step unknown
+    assert bool((rms(guided_correction(result, guidance, sigma, 0.5, x)) <= rms(x) * 1.0001).all())
