@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
-from dps.host import FINAL_ITERATIONS, final_refinement, guided_correction, is_last_step  # noqa: E402
+from dps.host import (FINAL_ITERATIONS, final_refinement, final_stage_refinement, guided_correction,  # noqa: E402
+                      is_last_step)
 from dps.progress import step_progress  # noqa: E402
 from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
@@ -137,10 +138,11 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
             s = float(sigma.flatten()[0])
             i = max(j for j, level in enumerate(levels[:-1]) if level >= s * (1 - 1e-5)) if s < levels[0] else 0
             s_in = x_.new_full((x_.shape[0],), s)
-            held = stages.later_feed(s) if stages is not None and stages.later_stage(s) else None
+            held = stages.later_feed(s) if stages is not None and stages.later_stage(s, x_) else None
             if held is not None:
                 with torch.no_grad():
-                    return denoise(x_, s_in) + held
+                    out = denoise(x_, s_in) + held
+                return final_stage_refinement(guidance, stages, s, x_, out, final_iterations)
             if guidance is None or not guidance.active(step_progress(i, len(levels) - 1)):
                 with torch.no_grad():
                     return denoise(x_, s_in)
@@ -151,7 +153,9 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
             if stages is not None:
                 correction = stages.first_feed(correction)
             out = result.x0_hat + correction
-            return final_refinement(guidance, out, final_iterations) if is_last_step(s, delta) else out
+            if is_last_step(s, delta):
+                return final_refinement(guidance, out, final_iterations)
+            return final_stage_refinement(guidance, stages, s, x_, out, final_iterations)
         model.inner_model = host
         torch.manual_seed(seed)
         return function(model, x, sigmas.clone(), extra_args={"seed": seed}, callback=None, disable=True,

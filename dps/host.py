@@ -18,7 +18,8 @@ from .validate import check_tensor
 
 __all__ = ["HOST_RULE", "HOST_ZETA", "image_to_nchw", "nchw_to_image", "match_channels", "make_autograd_safe",
            "needs_autograd_fix", "normal_tensor", "schedule_step", "guided_correction", "guided_denoised",
-           "eps_correction", "FINAL_ITERATIONS", "is_last_step", "final_refinement"]
+           "eps_correction", "FINAL_ITERATIONS", "is_last_step", "final_refinement", "final_stage_refinement",
+           "step_limit", "MOVE_SHARE"]
 
 # The step rule and strength the host nodes start with: the σ-space family's default (``dps.rules.DEFAULTS``).
 # Measured by ``bench/host_defaults.py`` (the host path rehearsed with the SD1.x-latent prior, the real TAESD
@@ -161,6 +162,23 @@ def final_refinement(guidance: DPSGuidance, x0: torch.Tensor, iterations: int = 
     if distances is not None:
         distances.append(result.distance.detach().cpu())
     return z
+
+
+def final_stage_refinement(guidance: DPSGuidance, stages: StageClock | None, sigma: float, x: torch.Tensor,
+                           prediction: torch.Tensor, iterations: int = FINAL_ITERATIONS,
+                           distances: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``final_refinement`` for a sampler that returns the x of its last step rather than a prediction
+    (DPM-Solver-fast, ``StageClock.final_output``): at that step's last evaluation (at ``sigma``, of the point
+    ``x``, with the guided ``prediction`` D) the result is ``x_end = base + gain·D``; ``x_end`` is refined and D
+    moved by ``(refined − x_end)/gain``, so the sampler lands on the refined x. ``prediction`` as it is anywhere
+    else."""
+    final = stages.final_output(sigma, x) if stages is not None else None
+    if final is None:
+        return prediction
+    base, gain = final
+    output = base + gain * prediction
+    refined = final_refinement(guidance, output, iterations, distances)
+    return prediction + (refined - output) / gain
 
 
 def guided_denoised(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,

@@ -441,10 +441,12 @@ class StageClock:
         self.step: tuple[float, int] | None = None  # (σ it ends at, its evaluations); None off the levels
         self.stage = 0                             # evaluations of the current step so far, minus one
         self.correction: torch.Tensor | None = None
+        self.start_x: torch.Tensor | None = None    # x at the current step's first evaluation (``final_output``)
 
-    def later_stage(self, sigma: float) -> bool:
-        """Whether the evaluation at ``sigma`` is a later one of the current step (call once per evaluation, in
-        order); at a step's first evaluation the last step's correction is dropped."""
+    def later_stage(self, sigma: float, x: torch.Tensor | None = None) -> bool:
+        """Whether the evaluation at ``sigma`` (of the point ``x``, optional) is a later one of the current step
+        (call once per evaluation, in order); at a step's first evaluation the last step's correction is dropped
+        and ``x`` kept as the step's start."""
         previous, self.previous = self.previous, sigma
         if self.kind == "heun":
             later = previous is not None and sigma < previous * (1 - 1e-5)
@@ -454,7 +456,26 @@ class StageClock:
             self.stage += 1
         else:
             self.start, self.step, self.stage, self.correction = sigma, self._step_from(sigma), 0, None
+            self.start_x = None if x is None else x.detach()
         return later
+
+    def final_output(self, sigma: float, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """DPM-Solver-fast's last step ends at the schedule's smallest positive σ, and the sampler returns the x it
+        reaches there, not a prediction (every other sampler's last step, to σ = 0, returns its prediction). At
+        that step's last evaluation (at ``sigma``, of the point ``x``) the step's result is linear in this
+        evaluation's prediction D: ``x_end = x_start − gain·(x − D) = base + gain·D`` with ``gain = Δσ/σ``
+        (k-diffusion's ``DPMSolver``, ε = (x − D)/σ and ``σ_next(e^h − 1) = Δσ``: its first-order step, DDIM's,
+        is ``x_start − Δσ ε(x_start)``, its second-order step (r₁ = 1/2) ``x_start − Δσ ε(u₁)`` with u₁ the point
+        of its second evaluation; the last step is never of order 3, ``dpm_fast_steps``). Returns ``(base, gain)``
+        there; None at any other evaluation, for Heun and DPM-2, and when ``later_stage`` was not given the
+        step's start."""
+        if self.steps is None or self.step is None or self.start_x is None or self.start is None:
+            return None
+        end, evaluations = self.step
+        if self.stage != evaluations - 1 or level_index(self.start, self.starts) != len(self.steps) - 1 or end <= 0:
+            return None
+        gain = (self.start - end) / sigma
+        return self.start_x.to(x) - gain * x, gain
 
     def _step_from(self, sigma: float) -> tuple[float, int] | None:
         """(σ the step from ``sigma`` ends at, its number of evaluations); None off the levels."""

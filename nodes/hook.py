@@ -39,8 +39,8 @@ from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
 from ..dps.samplers import CorrectionFilter, ProbedFamily, StageClock, sampler_family, stage_clock
-from ..dps.host import (final_refinement, guided_correction, image_to_nchw, is_last_step, make_autograd_safe,
-                        match_channels, needs_autograd_fix, normal_tensor, schedule_step)
+from ..dps.host import (final_refinement, final_stage_refinement, guided_correction, image_to_nchw, is_last_step,
+                        make_autograd_safe, match_channels, needs_autograd_fix, normal_tensor, schedule_step)
 from ..dps.noise import NoiseModel
 from ..dps.operators import Compose, Inpainting, Operator
 
@@ -237,11 +237,12 @@ class DPSPatch:
         inner = guider.inner_model
         sigma = float(timestep.flatten()[0])
         stages = self.run.stages if self.run is not None else None
-        if stages is not None and stages.later_stage(sigma):
+        if stages is not None and stages.later_stage(sigma, x):
             held = stages.later_feed(sigma)           # a step's later evaluation (Heun, DPM-2, DPM-Solver-fast)
             if held is not None:
                 out = executor(x, timestep, model_options, seed)
-                return out + held.to(out)
+                return self._refine_final(self._guidance_at(sigma, guider.inner_model), stages, sigma, x,
+                                          out + held.to(out))
         if not self._active(sigma, inner, self.settings.start_percent, self.settings.end_percent):
             return executor(x, timestep, model_options, seed)
         if model_options.get("multigpu_clones"):
@@ -283,12 +284,27 @@ class DPSPatch:
         out = result.x0_hat + correction
         if is_last_step(sigma, delta):      # the sampler returns this prediction: bring it to the noise floor
             out = final_refinement(guidance, out, distances=self.run.refined)
-            if self.report is not None and self.run.refined:
-                self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode,
-                                          refined=self.run.refined[-1]))
+            self._report_refined(guidance)
+        else:
+            out = self._refine_final(guidance, stages, sigma, x, out)
         if self.interrupt is not None:
             self.interrupt()
         return out
+
+    def _refine_final(self, guidance: DPSGuidance, stages: StageClock | None, sigma: float, x: torch.Tensor,
+                      prediction: torch.Tensor) -> torch.Tensor:
+        """The prediction, moved so that a sampler returning its last step's x (DPM-Solver-fast) returns it
+        brought to the noise floor (``dps.host.final_stage_refinement``); as it is elsewhere."""
+        before = len(self.run.refined)
+        out = final_stage_refinement(guidance, stages, sigma, x, prediction, distances=self.run.refined)
+        if len(self.run.refined) > before:
+            self._report_refined(guidance)
+        return out
+
+    def _report_refined(self, guidance: DPSGuidance) -> None:
+        if self.report is not None and self.run.refined:
+            self.report(progress_text(self.run.distances, fell_back=guidance.mode != self.settings.mode,
+                                      refined=self.run.refined[-1]))
 
     # ---- internals ----------------------------------------------------------------------------------
     def _sampler_filter(self, sampler: Any, sigmas: Any, patcher: Any) -> CorrectionFilter | None:

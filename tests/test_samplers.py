@@ -807,3 +807,52 @@ def test_comfyuis_staged_samplers_take_their_prior_step_plus_eulers_step_of_the_
     assert set(errors) == {"heun", "dpm_2", "dpm_fast/7", "dpm_fast/9"}, out
     assert all(e < 1e-7 for e in errors.values()), errors
     assert out["dpm_fast/7/labels"] is True and out["dpm_fast/9/labels"] is True
+
+
+@pytest.mark.parametrize("n", [7, 8, 9])
+def test_dpm_fast_lands_its_last_step_on_the_refined_x(n):
+    """DPM-Solver-fast returns the x of its last step (to the smallest positive σ), not a prediction: at that
+    step's last evaluation ``StageClock.final_output`` gives x_end as base + gain·D, exactly the solver's result,
+    and ``dps.host.final_stage_refinement`` moves D so that the solver lands on the refined x (here a
+    measurement with a mask and no decoder, whose one Polyak step lands on the noise floor)."""
+    from dps.host import final_stage_refinement
+    from dps.noise import Gaussian
+    from dps.operators import Inpainting
+    from dps.guidance import DPSGuidance
+    from dps.samplers import dpm_fast_steps, stage_clock
+    schedule = torch.tensor([14.6 * (0.02 / 14.6) ** (k / (n - 1)) for k in range(n)] + [0.0]).tolist()  # float32
+    steps = dpm_fast_steps(schedule)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    prediction = lambda x, s: torch.tanh(x / (1 + s)) * (1 + s) * 0.9 + base * math.cos(s)
+    mask = torch.zeros(4, 4, dtype=torch.float64)
+    mask[:, :2] = 1.0
+    y = Inpainting(mask)(torch.rand(1, 3, 4, 4, generator=g, dtype=torch.float64))
+    guidance = DPSGuidance(Inpainting(mask), Gaussian(0.05), y, zeta=1.0, rule="polyak")
+    x = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64) * 14.6
+    for k, (s, s_next, order) in enumerate(steps):
+        last = k == len(steps) - 1
+        clock, finals, refined = stage_clock("dpm_fast_function", schedule), [], []
+
+        def model(x_, sigma, refine):
+            clock.later_stage(sigma, x_)
+            d = prediction(x_, sigma)
+            final = clock.final_output(sigma, x_)
+            if final is not None:
+                finals.append(final[0] + final[1] * d)
+            return final_stage_refinement(guidance, clock, sigma, x_, d, distances=refined) if refine else d
+
+        for s0, _, _ in steps[:k]:              # the clock where a whole run has it at step k
+            clock.later_stage(s0)
+        clock.previous = None
+        plain = dpm_solver_step(lambda x_, sigma: model(x_, sigma, False), x, s, s_next, order)
+        assert len(finals) == (1 if last else 0)
+        if last:
+            torch.testing.assert_close(finals[0], plain, rtol=0, atol=1e-12)
+            finals.clear()
+            landed = dpm_solver_step(lambda x_, sigma: model(x_, sigma, True), x, s, s_next, order)
+            distance = float(guidance.noise.distance(y, Inpainting(mask)(landed)))
+            assert distance == pytest.approx(float(guidance.noise.expected_distance(y)), rel=1e-6)
+            assert float(guidance.noise.distance(y, Inpainting(mask)(plain))) > 2 * distance
+            assert len(refined) == 1
+        x = plain
