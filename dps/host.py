@@ -8,6 +8,8 @@ as ``dps.sampling.GuidedDenoiser`` does) or the guided ε (timestep samplers: DD
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
@@ -80,7 +82,8 @@ def schedule_step(sigma: float, sigmas: torch.Tensor | None, stages: StageClock 
 MOVE_SHARE = 0.35
 
 
-def step_limit(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, delta_sigma: float | None) -> torch.Tensor:
+def step_limit(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, delta_sigma: float | None,
+               scale: float = 1.0) -> torch.Tensor:
     """The trust region of a σ-space correction ``c``, per sample: a bound on RMS(c).
 
     Two bounds, the smaller holds: RMS(c) ≤ RMS(x) (``DPSGuidance.step_gradient``: guidance never moves the
@@ -91,13 +94,14 @@ def step_limit(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, delta_sigma:
     by the later steps but stays in the sample as content off the prior's manifold. With many steps
     (Δσ ≪ σ_next) the first bound is the smaller and this one never acts; with few steps it does: 7 Euler steps of
     the SD1.x-latent prior on x4 super-resolution took the latent to 7x its data RMS at σ = 0.6 and 16.8 dB without
-    it, 24.7 dB with it (``bench/README.md``, *Few steps*)."""
+    it, 24.7 dB with it (``bench/README.md``, *Few steps*). ``scale``: the units of ``x`` per unit of
+    ``x0 + σε`` (``√ᾱ`` for the VP ``x_t`` of timestep samplers, ``eps_correction``; 1 in σ-space)."""
     limit = rms(x)
     sigma_next = sigma - delta_sigma if delta_sigma is not None else 0.0
     if delta_sigma is None or delta_sigma <= 0 or sigma_next <= 0:
         return limit      # unknown step, or the step to σ = 0: what it leaves is the sample, no later step absorbs it
     size_next = (sigma_next**2 + rms(x0_hat).square()).sqrt()
-    return torch.minimum(limit, MOVE_SHARE * size_next * (sigma / delta_sigma))
+    return torch.minimum(limit, MOVE_SHARE * scale * size_next * (sigma / delta_sigma))
 
 
 def guided_correction(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,
@@ -196,7 +200,14 @@ def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tenso
                    alpha_cumprod_next: float | None) -> torch.Tensor:
     """The change δ of ε̂ that applies the DPS step in timestep samplers (DDIM family), ``ε' = ε + δ``
     (``StepRule.eps_correction``): "dps"/"dps_paper" move one deterministic DDIM step by exactly −ζ∇d when the
-    next ᾱ is known, "polyak" takes its rate form on x/√ᾱ, "schedule" (and the first step) the score form."""
-    grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data), limit=rms(x))
+    next ᾱ is known, "polyak" takes its rate form on x/√ᾱ, "schedule" (and the first step) the score form.
+    The trust region is ``step_limit``'s on x/√ᾱ, where DDIM is Euler in σ = √((1−ᾱ)/ᾱ): the move
+    ``Δσ·δ = (Δσ/σ)·step/√ᾱ`` of one deterministic step is bounded as a σ-space sampler's."""
+    sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
+    delta = None
+    if alpha_cumprod_next is not None:
+        delta = sigma - math.sqrt(max(1 - alpha_cumprod_next, 0.0) / alpha_cumprod_next)
+    limit = step_limit(x, result.x0_hat, sigma, delta, scale=math.sqrt(alpha_cumprod))
+    grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data), limit=limit)
     step = guidance.check_step(guidance.zeta * grad, x)
     return guidance.step_rule.eps_correction(step, alpha_cumprod, alpha_cumprod_next)

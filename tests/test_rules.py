@@ -217,3 +217,10 @@ def test_one_guided_step_moves_x_by_at_most_a_share_of_the_next_level():
     torch.testing.assert_close(step_limit(x, result.x0_hat, sigma, sigma), rms(x))     # the step to σ = 0
     torch.testing.assert_close(step_limit(x, result.x0_hat, sigma, None), rms(x))      # step unknown
     assert bool((rms(guided_correction(result, guidance, sigma, 0.5, x)) <= rms(x) * 1.0001).all())
+    # a timestep sampler (DDIM, ``eps_correction``): the same bound on x/√ᾱ, where DDIM is Euler in σ
+    ac, ac_next = 0.01, 0.5                                        # σ = √99 ≈ 9.95 -> σ_next = 1
+    sigma, sigma_next = math.sqrt((1 - ac) / ac), 1.0
+    x_t = math.sqrt(ac) * x
+    result_t = guidance.evaluate(x_t, lambda x_: 0.01 * x_)
+    move = rms(eps_correction(guidance, result_t, x_t, ac, ac_next)) * (sigma - sigma_next)   # DDIM: Δσ·δ on x/√ᾱ
+    torch.testing.assert_close(move, MOVE_SHARE * (sigma_next**2 + rms(result_t.x0_hat).square()).sqrt())
