@@ -784,14 +784,22 @@ STAGED_DRIVER = textwrap.dedent('''
             errors.append(float((x_next - plain - part).abs().max() / part.abs().max()))
             x = x_next
         out[f"dpm_fast/{n}"] = max(errors)
-        labels, clock = [], stage_clock("dpm_fast_function", levels)
+        labels, finals, clock = [], [], stage_clock("dpm_fast_function", levels)
         def recorder(x_, sigma, **kw):
-            labels.append(clock.later_stage(float(sigma.flatten()[0])))
-            return prediction(x_, float(sigma.flatten()[0]))
-        ks.sample_dpm_fast(recorder, torch.zeros(1, 2, 2, 2, dtype=torch.float64), levels[-2], levels[0], n, disable=True)
+            s = float(sigma.flatten()[0])
+            labels.append(clock.later_stage(s, x_))
+            d = prediction(x_, s)
+            final = clock.final_output(s, x_)
+            if final is not None:
+                finals.append(final[0] + final[1] * d)
+            return d
+        x_end = ks.sample_dpm_fast(recorder, torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64) * 14.6,
+                                   levels[-2], levels[0], n, disable=True)
         expected = [later for _, _, order in dpm_fast_steps([float(v) for v in levels])
                     for later in [False] + [True] * (order - 1)]
         out[f"dpm_fast/{n}/labels"] = labels == expected
+        # (its steps' t come from torch.linspace in float32: the clock's σ agree to ~1e-7)
+        out[f"dpm_fast/{n}/final"] = len(finals) == 1 and float((finals[0] - x_end).abs().max() / x_end.abs().max()) < 1e-6
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -801,12 +809,13 @@ def test_comfyuis_staged_samplers_take_their_prior_step_plus_eulers_step_of_the_
     """ComfyUI's own Heun and DPM-2, 12 karras steps (one step at a time, each from the guided state), and the
     steps of its DPM-Solver-fast (7 and 9 evaluations): the guided step is the function's unguided step from the
     same state plus Euler's step of the correction; the clock labels a whole ``sample_dpm_fast`` run's
-    evaluations as its steps make them."""
+    evaluations as its steps make them, and the x it returns is the one ``StageClock.final_output`` foretells at
+    the last evaluation."""
     out = run_driver(tmp_path / "staged_driver.py", STAGED_DRIVER)
-    errors = {k: v for k, v in out.items() if not k.endswith("/labels")}
+    errors = {k: v for k, v in out.items() if not k.endswith(("/labels", "/final"))}
     assert set(errors) == {"heun", "dpm_2", "dpm_fast/7", "dpm_fast/9"}, out
     assert all(e < 1e-7 for e in errors.values()), errors
-    assert out["dpm_fast/7/labels"] is True and out["dpm_fast/9/labels"] is True
+    assert all(out[f"dpm_fast/{n}/{check}"] is True for n in (7, 9) for check in ("labels", "final")), out
 
 
 @pytest.mark.parametrize("n", [7, 8, 9])
