@@ -30,7 +30,7 @@ from dps.app import DemoSettings, load_setup, measure, psnr  # noqa: E402
 from dps.app.tuned import guidance_for  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
 from host_defaults import denoiser_from_eps, euler, euler_ancestral  # noqa: E402
-from dps.host import FINAL_ITERATIONS  # noqa: E402
+from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
 
 HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default="euler,euler_ancestral")
     p.add_argument("--final-iterations", type=int, default=FINAL_ITERATIONS,
                    help="Polyak iterations on the host path's last prediction (dps.host.final_refinement; 0: none)")
+    p.add_argument("--move-share", type=float, default=MOVE_SHARE,
+                   help="dps.host.step_limit's share (inf: no bound on one step's move, as before it existed)")
     p.add_argument("--settings", default="polyak:1", help="host rule:zeta pairs (comma-separated)")
     p.add_argument("--mode", default="full", choices=("full", "x0_only"))
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ac = alphas_cumprod_from_betas(linear_betas()).float()
     denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
     noise = Gaussian(s.sigma)
-    results: dict = {"images": args.images, "offset": args.offset, "mode": args.mode, "start": args.start, "tasks": {}}
+    results: dict = {"images": args.images, "offset": args.offset, "mode": args.mode, "start": args.start,
+                     "move_share": args.move_share, "tasks": {}}
     for task in args.tasks.split(","):
         op, y = measure(task, setup.truth, s)
         row = results["tasks"].setdefault(task, {})
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                                     on_nonfinite="skip")
                     t0 = time.monotonic()
                     x = HOST_SAMPLERS[name](denoise, x_T.clone(), sigmas, g,
-                                            final_iterations=args.final_iterations).clamp(-1, 1)
+                                            final_iterations=args.final_iterations,
+                                            move_share=args.move_share).clamp(-1, 1)
                     key = f"{name} {steps} {setting}"
                     row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
                                 "seconds": time.monotonic() - t0}

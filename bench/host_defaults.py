@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
-from dps.host import (FINAL_ITERATIONS, final_refinement, final_stage_refinement, guided_correction,  # noqa: E402
-                      is_last_step)
+from dps.host import (FINAL_ITERATIONS, MOVE_SHARE, final_refinement, final_stage_refinement,  # noqa: E402
+                      guided_correction, is_last_step)
 from dps.progress import step_progress  # noqa: E402
 from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
@@ -48,18 +48,18 @@ def denoiser_from_eps(eps_model, alphas_cumprod: torch.Tensor):
 
 
 def euler(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True,
-          final_iterations: int = FINAL_ITERATIONS):
+          final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
     """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the second stage)."""
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1),
-                      final_iterations=final_iterations)
+                      final_iterations=final_iterations, move_share=move_share)
         x = x + (s_next - s) * (x - d) / s
     return x
 
 
 def dpmpp_2m(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, eta: float = 0.0,
-             seed: int = 1, final_iterations: int = FINAL_ITERATIONS):
+             seed: int = 1, final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) as k-diffusion writes it for an ε model
     (λ = −log σ): ``sample_dpmpp_2m`` with η = 0, ``sample_dpmpp_2m_sde`` (midpoint) with η > 0, whose noise is drawn
     per step here where ComfyUI draws it from a Brownian tree (the same distribution for each step). The guided
@@ -70,7 +70,8 @@ def dpmpp_2m(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = 
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1), filt, final_iterations)
+        d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1), filt, final_iterations,
+                      move_share)
         if s_next == 0:
             x = d
             continue
@@ -86,25 +87,26 @@ def dpmpp_2m(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = 
 
 
 def _denoised(denoise, x, s: float, s_next: float, guidance: DPSGuidance | None, progress: float,
-              filt: CorrectionFilter | None = None, final_iterations: int = FINAL_ITERATIONS):
+              filt: CorrectionFilter | None = None, final_iterations: int = FINAL_ITERATIONS,
+              move_share: float = MOVE_SHARE):
     s_in = x.new_full((x.shape[0],), s)
     if guidance is None or not guidance.active(progress):
         with torch.no_grad():
             return denoise(x, s_in)
     result = guidance.evaluate(x, lambda x_: denoise(x_, s_in))
-    correction = guided_correction(result, guidance, s, s - s_next, x)
+    correction = guided_correction(result, guidance, s, s - s_next, x, move_share=move_share)
     out = result.x0_hat + (filt(s, correction, result.x0_hat) if filt is not None else correction)
     return final_refinement(guidance, out, final_iterations) if is_last_step(s, s - s_next) else out
 
 
 def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1,
-                    final_iterations: int = FINAL_ITERATIONS):
+                    final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
     """k-diffusion's ``sample_euler_ancestral`` (η = 1): Euler down to σ_down, then fresh noise of σ_up."""
     gen = torch.Generator().manual_seed(seed)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         d = _denoised(denoise, x, s, s_next, guidance, step_progress(i, len(sigmas) - 1),
-                      final_iterations=final_iterations)
+                      final_iterations=final_iterations, move_share=move_share)
         sigma_up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
         sigma_down = (s_next**2 - sigma_up**2) ** 0.5
         x = x + (sigma_down - s) * (x - d) / s
@@ -126,7 +128,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
                            inner_model=SimpleNamespace(model_sampling=ms))
 
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1,
-            final_iterations: int = FINAL_ITERATIONS):
+            final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
         levels = [float(v) for v in sigmas]
         family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
         filt = (CorrectionFilter(family, sigmas, max_gain=max_gain)
@@ -148,7 +150,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
                     return denoise(x_, s_in)
             result = guidance.evaluate(x_, lambda z: denoise(z, s_in))
             delta = schedule_step(s, sigmas, stages)
-            correction = guided_correction(result, guidance, s, delta, x_)
+            correction = guided_correction(result, guidance, s, delta, x_, move_share=move_share)
             correction = filt(s, correction, result.x0_hat) if filt is not None else correction
             if stages is not None:
                 correction = stages.first_feed(correction)
@@ -236,6 +238,9 @@ def main() -> int:
     p.add_argument("--final-iterations", type=int, default=FINAL_ITERATIONS,
                    help="Polyak iterations on the prediction of the step to σ = 0 (dps.host.final_refinement; 0: none, "
                         "as before)")
+    p.add_argument("--move-share", type=float, default=MOVE_SHARE,
+                   help="the share of the next level's size one guided step may move x by (dps.host.step_limit; "
+                        "inf: no such bound, as before it existed)")
     p.add_argument("--discard-penultimate", default="",
                    help="more sampler names to run on the levels ComfyUI gives UniPC and DPM-2 (one level more, the "
                         "penultimate dropped): e.g. euler, the reference for those samplers")
@@ -289,7 +294,7 @@ def main() -> int:
                                 decoder=setup.decoder, on_nonfinite="skip")
                 levels = discarded if name in discard else sigmas
                 z = samplers[name](denoise, x_T.clone(), levels, g, filtered=not args.plain_multistep,
-                                   final_iterations=args.final_iterations)
+                                   final_iterations=args.final_iterations, move_share=args.move_share)
                 with torch.no_grad():
                     row[setting] = float(psnr(setup.decoder(z).clamp(-1, 1), setup.truth).mean())
                 print(f"{name:9s} {task:18s} {setting:12s} {row[setting]:6.2f} dB   ({simple} {scores[simple]:.2f}, "
@@ -299,7 +304,7 @@ def main() -> int:
                           "offset": args.offset, "mode": args.mode,
                           "start": args.start,
                           "plain_multistep": args.plain_multistep, "max_gain": args.max_gain,
-                          "final_iterations": args.final_iterations,
+                          "final_iterations": args.final_iterations, "move_share": args.move_share,
                           "discard_penultimate": sorted(discard & set(table)), "psnr": table}))
     return 0
 

@@ -83,7 +83,7 @@ MOVE_SHARE = 0.35
 
 
 def step_limit(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, delta_sigma: float | None,
-               scale: float = 1.0) -> torch.Tensor:
+               scale: float = 1.0, share: float = MOVE_SHARE) -> torch.Tensor:
     """The trust region of a σ-space correction ``c``, per sample: a bound on RMS(c).
 
     Two bounds, the smaller holds: RMS(c) ≤ RMS(x) (``DPSGuidance.step_gradient``: guidance never moves the
@@ -95,21 +95,22 @@ def step_limit(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, delta_sigma:
     (Δσ ≪ σ_next) the first bound is the smaller and this one never acts; with few steps it does: 7 Euler steps of
     the SD1.x-latent prior on x4 super-resolution took the latent to 7x its data RMS at σ = 0.6 and 16.8 dB without
     it, 24.7 dB with it (``bench/README.md``, *Few steps*). ``scale``: the units of ``x`` per unit of
-    ``x0 + σε`` (``√ᾱ`` for the VP ``x_t`` of timestep samplers, ``eps_correction``; 1 in σ-space)."""
+    ``x0 + σε`` (``√ᾱ`` for the VP ``x_t`` of timestep samplers, ``eps_correction``; 1 in σ-space); ``share``:
+    ``MOVE_SHARE`` unless a benchmark asks for another (``inf``: no second bound, as before it existed)."""
     limit = rms(x)
     sigma_next = sigma - delta_sigma if delta_sigma is not None else 0.0
     if delta_sigma is None or delta_sigma <= 0 or sigma_next <= 0:
         return limit      # unknown step, or the step to σ = 0: what it leaves is the sample, no later step absorbs it
     size_next = (sigma_next**2 + rms(x0_hat).square()).sqrt()
-    return torch.minimum(limit, MOVE_SHARE * scale * size_next * (sigma / delta_sigma))
+    return torch.minimum(limit, share * scale * size_next * (sigma / delta_sigma))
 
 
 def guided_correction(result: GuidanceResult, guidance: DPSGuidance, sigma: float, delta_sigma: float | None,
-                      x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+                      x: torch.Tensor, alpha: float = 1.0, move_share: float = MOVE_SHARE) -> torch.Tensor:
     """The correction ``c`` of ``D' = x0_hat + c`` for one σ-space evaluation (``guided_denoised``), in
-    ``result.x0_hat``'s dtype, within the trust region ``step_limit``. The step it causes in one Euler step,
-    ``(Δσ/σ)·c``, is checked for divergence."""
-    limit = step_limit(x, result.x0_hat, sigma, delta_sigma)
+    ``result.x0_hat``'s dtype, within the trust region ``step_limit`` (``move_share``: its ``share``). The step
+    it causes in one Euler step, ``(Δσ/σ)·c``, is checked for divergence."""
+    limit = step_limit(x, result.x0_hat, sigma, delta_sigma, share=move_share)
     grad = guidance.step_gradient(result, x0_jacobian(sigma, guidance.sigma_data, alpha), limit=limit)
     correction = guidance.step_rule.denoised_correction(grad, sigma, delta_sigma, guidance.zeta, alpha)
     scale = (delta_sigma / sigma) if delta_sigma else 1.0
