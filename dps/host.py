@@ -16,6 +16,7 @@ from .autograd_safe import make_autograd_safe, needs_autograd_fix, normal_tensor
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian, x0_jacobian
 from .rules import DEFAULTS, per_sample
 from .samplers import StageClock
+from .schedule import vp_sigma
 from .validate import check_tensor
 
 __all__ = ["HOST_RULE", "HOST_ZETA", "image_to_nchw", "nchw_to_image", "match_channels", "make_autograd_safe",
@@ -205,10 +206,8 @@ def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tenso
     next ᾱ is known, "polyak" takes its rate form on x/√ᾱ, "schedule" (and the first step) the score form.
     The trust region is ``step_limit``'s on x/√ᾱ, where DDIM is Euler in σ = √((1−ᾱ)/ᾱ): the move
     ``Δσ·δ = (Δσ/σ)·step/√ᾱ`` of one deterministic step is bounded as a σ-space sampler's."""
-    sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-    delta = None
-    if alpha_cumprod_next is not None:
-        delta = sigma - math.sqrt(max(1 - alpha_cumprod_next, 0.0) / alpha_cumprod_next)
+    sigma = vp_sigma(alpha_cumprod)
+    delta = None if alpha_cumprod_next is None else sigma - vp_sigma(alpha_cumprod_next)
     limit = step_limit(x, result.x0_hat, sigma, delta, scale=math.sqrt(alpha_cumprod))
     grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data), limit=limit)
     step = guidance.check_step(guidance.zeta * grad, x)

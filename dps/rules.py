@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from .autograd_safe import autograd_safe
+from .schedule import vp_sigma
 
 if TYPE_CHECKING:   # annotations only: guidance imports this module
     from .guidance import DPSGuidance, GuidanceResult
@@ -91,8 +92,7 @@ class StepRule:
         ``−step``; the score form ``√(1−ᾱ)·step`` when the next ᾱ is unknown (the first step)."""
         if alpha_cumprod_next is None:
             return math.sqrt(1.0 - alpha_cumprod) * step
-        sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-        sigma_next = math.sqrt(max(1 - alpha_cumprod_next, 0.0) / alpha_cumprod_next)
+        sigma, sigma_next = vp_sigma(alpha_cumprod), vp_sigma(alpha_cumprod_next)
         if sigma <= sigma_next:
             return math.sqrt(1.0 - alpha_cumprod) * step
         return step / ((sigma - sigma_next) * math.sqrt(alpha_cumprod_next))
@@ -198,8 +198,7 @@ class Polyak(StepRule):
         if alpha_cumprod is None:
             raise ValueError("the 'polyak' rule needs alpha_cumprod for its DDPM step size")
         ac_prev = min(alpha_cumprod / (1.0 - beta), 1.0)
-        sigma = math.sqrt((1 - alpha_cumprod) / alpha_cumprod)
-        return min(zeta * (1.0 - math.sqrt((1 - ac_prev) / ac_prev) / sigma), 1.0)   # never past the whole excess
+        return min(zeta * (1.0 - vp_sigma(ac_prev) / vp_sigma(alpha_cumprod)), 1.0)   # never past the whole excess
 
 
 RULES: tuple[str, ...] = tuple(REGISTRY)

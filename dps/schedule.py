@@ -7,6 +7,7 @@ ComfyUI, the WebUI) is ``x_t / √ᾱ_t = x_0 + σ_t ε`` with ``σ_t = √((1 �
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,11 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 def sigma_from_alpha_cumprod(alpha_cumprod: torch.Tensor) -> torch.Tensor:
     """σ = √((1 − ᾱ) / ᾱ), the variance-exploding noise level of a VP timestep."""
     return ((1 - alpha_cumprod) / alpha_cumprod).sqrt()
+
+
+def vp_sigma(alpha_cumprod: float) -> float:
+    """``sigma_from_alpha_cumprod`` for one ᾱ as a float (0 at ᾱ = 1)."""
+    return math.sqrt(max(1.0 - alpha_cumprod, 0.0) / alpha_cumprod)
 
 
 def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
