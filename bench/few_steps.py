@@ -31,6 +31,7 @@ from dps.app.tuned import guidance_for  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
 from host_defaults import denoiser_from_eps, euler, euler_ancestral  # noqa: E402
 from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
+from dps.proximal import ITERATIONS, LAMBDA, proximal_sample  # noqa: E402
 
 HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
 
@@ -43,13 +44,29 @@ def residual_ratio(op, y: torch.Tensor, x: torch.Tensor, noise: Gaussian) -> flo
     return float((d / floor).mean())
 
 
+def official_settings(spec: str, task: str, steps: int) -> list[tuple[str, float]]:
+    """The (rule, ζ) pairs of ``--official-rules``: ``tuned`` is the demo's tuned rule for ``task`` at ``steps``."""
+    pairs = []
+    for item in spec.split(","):
+        if item == "tuned":
+            pairs.append(guidance_for("pixel", task, steps))
+        else:
+            rule, zeta = item.split(":")
+            pairs.append((rule, float(zeta)))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--tasks", default="super_resolution,box_inpainting,gaussian_deblur")
     p.add_argument("--steps", default="30", help="host step counts (comma-separated)")
-    p.add_argument("--samplers", default="euler,euler_ancestral")
+    p.add_argument("--samplers", default="euler,euler_ancestral",
+                   help="euler, euler_ancestral (the hosts' path, --settings), proximal (dps.proximal, --lam)")
+    p.add_argument("--lam", default=str(LAMBDA), help="the proximal sampler's λ values (comma-separated)")
+    p.add_argument("--cg-iterations", type=int, default=ITERATIONS,
+                   help="the proximal sampler's conjugate-gradient iterations per step")
     p.add_argument("--final-iterations", type=int, default=FINAL_ITERATIONS,
                    help="Polyak iterations on the host path's last prediction (dps.host.final_refinement; 0: none)")
     p.add_argument("--move-share", type=float, default=MOVE_SHARE,
@@ -58,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="full", choices=("full", "x0_only"))
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
     p.add_argument("--official-steps", type=int, default=1000, help="0 leaves the official loop out")
+    p.add_argument("--official-rules", default="tuned",
+                   help="rule:zeta pairs for the DDPM loop (comma-separated); tuned: the demo's dps ζ (dps.app.tuned)")
+    p.add_argument("--trace-every", type=int, default=0,
+                   help="record the DDPM loop's residual over its floor and x0_hat's PSNR every N steps (0: not)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -73,28 +94,47 @@ def main(argv: list[str] | None = None) -> int:
         op, y = measure(task, setup.truth, s)
         row = results["tasks"].setdefault(task, {})
         if args.official_steps:
-            rule, zeta = guidance_for("pixel", task, args.official_steps)
-            g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
-            t0 = time.monotonic()
-            x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=args.official_steps,
-                            guidance=g, generator=torch.Generator().manual_seed(s.seed + 1)).clamp(-1, 1)
-            row[f"official ddpm {args.official_steps} {rule}:{zeta:g}"] = {
-                "psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
-                "seconds": time.monotonic() - t0}
-            print(task, "official", row, file=sys.stderr, flush=True)
+            for rule, zeta in official_settings(args.official_rules, task, args.official_steps):
+                g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
+                trace: list[dict] = []
+                floor = float(noise.expected_distance(y[:1]))
+
+                def record(info: dict) -> None:        # the prediction's residual and PSNR along the loop
+                    if info["i"] % args.trace_every == 0 or info["i"] == args.official_steps - 1:
+                        trace.append({"step": info["i"], "sigma": float(sigma_from_alpha_cumprod(ac[info["t"]])),
+                                      "residual": float(info["distance"].mean()) / floor,
+                                      "psnr_x0_hat": float(psnr(info["x0_hat"].clamp(-1, 1), setup.truth).mean())})
+                t0 = time.monotonic()
+                x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape),
+                                steps=args.official_steps, guidance=g, generator=torch.Generator().manual_seed(s.seed + 1),
+                                callback=record if args.trace_every else None).clamp(-1, 1)
+                key = f"official ddpm {args.official_steps} {rule}:{zeta:g}"
+                row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
+                            "seconds": time.monotonic() - t0, **({"trace": trace} if trace else {})}
+                print(task, key, {k: v for k, v in row[key].items() if k != "trace"}, file=sys.stderr, flush=True)
+                for point in trace:
+                    print(f"  step {point['step']:4d}  σ {point['sigma']:7.2f}  residual/floor {point['residual']:6.2f}  "
+                          f"x0_hat {point['psnr_x0_hat']:5.2f} dB", file=sys.stderr)
         for steps in (int(v) for v in args.steps.split(",")):
             t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
             sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
             x_T = torch.randn((len(setup.truth), *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for name in args.samplers.split(","):
-                for setting in args.settings.split(","):
-                    rule, zeta = setting.split(":")
-                    g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
-                                    on_nonfinite="skip")
+                for setting in (args.lam.split(",") if name == "proximal" else args.settings.split(",")):
                     t0 = time.monotonic()
-                    x = HOST_SAMPLERS[name](denoise, x_T.clone(), sigmas, g,
-                                            final_iterations=args.final_iterations,
-                                            move_share=args.move_share).clamp(-1, 1)
+                    if name == "proximal":    # the data-consistency step on x0_hat and fresh noise (dps.proximal)
+                        g = DPSGuidance(op, noise, y, start=args.start)
+                        x = proximal_sample(denoise, x_T.clone(), sigmas, g, lam=float(setting),
+                                            iterations=args.cg_iterations,
+                                            generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+                        setting = f"lambda:{setting} cg:{args.cg_iterations}"
+                    else:
+                        rule, zeta = setting.split(":")
+                        g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
+                                        on_nonfinite="skip")
+                        x = HOST_SAMPLERS[name](denoise, x_T.clone(), sigmas, g,
+                                                final_iterations=args.final_iterations,
+                                                move_share=args.move_share).clamp(-1, 1)
                     key = f"{name} {steps} {setting}"
                     row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
                                 "seconds": time.monotonic() - t0}

@@ -32,6 +32,7 @@ from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, 
 from dps.host import (FINAL_ITERATIONS, MOVE_SHARE, final_refinement, final_stage_refinement,  # noqa: E402
                       guided_correction, is_last_step)
 from dps.progress import step_progress  # noqa: E402
+from dps.proximal import proximal_sample  # noqa: E402
 from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
 
@@ -202,9 +203,16 @@ def comfy_schedule(path: str, name: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(sampling, name, steps).float()
 
 
+def proximal(denoise, x, sigmas, guidance: DPSGuidance, filtered: bool = True, seed: int = 1,
+             final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
+    """``dps.proximal.proximal_sample`` at its defaults: the data-consistency step on x0_hat and fresh noise (the
+    guidance's rule and ζ are not used; the other options concern the hosts' samplers)."""
+    return proximal_sample(denoise, x, sigmas, guidance, generator=torch.Generator().manual_seed(seed))
+
+
 DISCARD_PENULTIMATE = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
 SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m,
-            "dpmpp_2m_sde": functools.partial(dpmpp_2m, eta=1.0)}
+            "dpmpp_2m_sde": functools.partial(dpmpp_2m, eta=1.0), "proximal": proximal}
 # The issue's "simple baseline" per task (bicubic, mean fill, the blurred measurement itself).
 SIMPLE = {"super_resolution": "bicubic", "box_inpainting": "mean fill", "random_inpainting": "mean fill",
           "gaussian_deblur": "measurement", "motion_deblur": "measurement"}
@@ -249,7 +257,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     samplers = dict(SAMPLERS)
-    others = [n for n in args.samplers.split(",") if n not in samplers or args.host_functions]
+    others = [n for n in args.samplers.split(",") if n not in samplers or (args.host_functions and n != "proximal")]
     if others and not args.comfyui:
         raise SystemExit(f"samplers {others} need --comfyui PATH (ComfyUI's own functions); here: {sorted(SAMPLERS)}")
     if others:

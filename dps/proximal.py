@@ -1,0 +1,145 @@
+"""The proximal data-consistency step on Tweedie's estimate, and the few-step sampler built on it.
+
+DPS steps along ``∇_{x_t} d`` through the denoiser, one linearised step per sampler step; the official loop takes
+1000 of them. With 20-30 steps that budget is gone, and on the project's pixel prior the hosts' Euler path stays
+3-4 dB behind the official 1000 steps on super-resolution and deblurring (``bench/few_steps.py``). The fast
+successors of DPS instead solve a small data-consistency problem on x0_hat at every step and re-noise the result:
+
+    x0' = argmin_x  ½‖r(x)‖² + ½ρ‖x − x0_hat‖²,      ρ = λ s²/σ²                                    (1)
+
+with ``r(x) = residual(y, A(D(x)))`` the noise model's residual (``dps.noise``: ``y − A(D(x))`` for Gaussian
+noise, the 1/√(k+1)-weighted one for Poisson), ``D`` the decoder (identity for pixel models), ``s² = E‖n‖²/m`` the
+noise model's variance per measured value (its floor ``expected_distance`` squared over the m values of ``y``) and
+σ the sampler's noise level. (1) is DiffPIR's data subproblem (Zhu et al., CVPR 2023, eq. 13, with its
+``ρ_t = λσ_n²/σ̄_t²``), written with the DPS measurement model and noise handling: ``‖r‖²/(2s²)`` is the Gaussian
+negative log-likelihood, and for Poisson noise DPS's own weighted residual. Early (σ ≫ s) the data term
+dominates and x0' fits ``y``; late (σ → 0) the proximity term keeps x0' at the prior's prediction.
+
+(1) is solved as DDS does (Chung, Lee & Ye, ICLR 2024): a few conjugate-gradient iterations started at x0_hat,
+here on one Gauss-Newton linearisation of ``r`` at x0_hat, ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r(x0_hat)``,
+``x0' = x0_hat + δ``, with ``J_r = ∂r/∂x`` (``−∂(A∘D)/∂x`` for Gaussian noise) applied as a Jacobian-vector product
+and its transpose as a vector-Jacobian product: exact for a linear ``A`` without a decoder, one Gauss-Newton step
+through a nonlinear decoder. No gradient passes through
+the denoiser, so a step costs one denoiser evaluation and ``2·iterations + 1`` decoder passes, and the denoiser's
+activations are never kept.
+
+``proximal_sample`` re-noises x0' to the next level with fresh noise, ``x_{i+1} = x0' + σ_{i+1} z`` (DiffPIR with
+its ζ = 1; ComfyUI's and the WebUI's LCM sampler take the same step from a denoised prediction). Measured in
+``bench/README.md`` (*Few host steps against the official 1000-step DPS*).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .guidance import DPSGuidance
+from .progress import progress_bar, sigma_progress
+from .schedule import check_sigmas
+from .validate import check_callable, check_int, check_number, check_tensor
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None]
+
+# λ of (1) and the conjugate-gradient iterations per step; chosen on the tuning digits 50-57 (bench/README.md).
+LAMBDA = 0.3
+ITERATIONS = 5
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product, float64, shape (B,)."""
+    return (a.double() * b.double()).flatten(1).sum(1)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def noise_variance(guidance: DPSGuidance) -> float:
+    """``s²`` of (1): the noise model's floor ``E‖n‖`` squared over the number of measured values per sample."""
+    y = guidance.y.detach()
+    floor = float(guidance.noise.expected_distance(y[:1]).float()[0])
+    return floor**2 / max(y[0].numel(), 1)
+
+
+def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam: float = LAMBDA,
+                  iterations: int = ITERATIONS) -> torch.Tensor:
+    """x0' of (1) in the module docstring for the prediction ``x0_hat`` at noise level ``sigma`` (> 0): ``iterations``
+    conjugate-gradient steps on the Gauss-Newton system ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r`` with ``ρ = lam·s²/σ²``, per sample.
+    ``guidance`` supplies ``y``, ``A``, the noise model and the decoder; its rule and ζ are not used. A sample whose
+    residual or step is not finite keeps its ``x0_hat``."""
+    check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
+    check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
+    check_number("sigma", sigma, above=0)
+    if guidance.decoder_gradient is not None:
+        raise ValueError("the proximal step differentiates through guidance.decoder; a memory-bounded "
+                         "decoder_gradient is not supported by it: leave decoder_gradient unset")
+    z0 = x0_hat.detach().float()
+    rho = lam * noise_variance(guidance) / sigma**2
+
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        image = guidance.decoder(x) if guidance.decoder is not None else x
+        y = guidance.y.detach().to(device=image.device, dtype=torch.float32)
+        ax = guidance.operator(image.float())
+        if y.shape[0] == 1 and ax.shape[0] > 1:
+            y = y.expand(ax.shape[0], *y.shape[1:])
+        return guidance.noise.residual(y, ax)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        r0, vjp = torch.func.vjp(residual, z0)
+        b = -vjp(r0)[0]           # −J_rᵀ r: minus the gradient of ½‖r‖² at x0_hat (J_r = ∂r/∂x = −J)
+
+        def normal(v: torch.Tensor) -> torch.Tensor:          # (J_rᵀJ_r + ρI) v
+            _, jv = torch.func.jvp(residual, (z0,), (v,))
+            return vjp(jv)[0] + rho * v
+
+        delta = torch.zeros_like(z0)
+        r, p = b.clone(), b.clone()
+        rs = _dot(r, r)
+        for _ in range(iterations):
+            hp = normal(p)
+            curvature = _dot(p, hp)
+            alpha = torch.where(curvature > 0, rs / curvature.clamp_min(1e-300), torch.zeros_like(rs))
+            delta = delta + _per_sample(alpha, p) * p
+            r = r - _per_sample(alpha, hp) * hp
+            rs_next = _dot(r, r)
+            p = r + _per_sample(torch.where(rs > 0, rs_next / rs.clamp_min(1e-300), torch.zeros_like(rs)), r) * p
+            rs = rs_next
+    delta = delta.detach()
+    finite = torch.isfinite(delta.flatten(1)).all(1) & torch.isfinite(r0.detach().flatten(1)).all(1)
+    out = torch.where(_per_sample(finite, z0).bool(), z0 + torch.nan_to_num(delta), z0)
+    return out.to(x0_hat.dtype)
+
+
+def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance,
+                    lam: float = LAMBDA, iterations: int = ITERATIONS, generator: torch.Generator | None = None,
+                    show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
+    """Sample with the proximal data step: at each level ``σ_i`` of ``sigmas`` (descending, ending at 0),
+    ``x0_hat = D(x, σ_i)``, ``x0' = proximal_step(x0_hat)`` (while ``guidance.active``), then
+    ``x ← x0' + σ_{i+1} z`` with fresh noise ``z`` (the last step returns x0'). ``x`` starts at ``sigmas[0]``'s
+    noise scale, ``D(x, σ)`` is a denoiser with ``x = x0 + σε`` (k-diffusion's convention). ``callback`` gets the
+    step index, σ, the new x, x0' and the per-sample distance of x0'."""
+    check_callable("denoiser", denoiser, "a denoiser D(x, sigma)")
+    check_tensor("x", x, floating=True, finite=True, fix="start from finite noise, e.g. torch.randn(shape) * sigmas[0]")
+    check_sigmas(sigmas)
+    if not isinstance(guidance, DPSGuidance):
+        raise TypeError(f"guidance must be a dps.DPSGuidance, got {type(guidance).__name__}")
+    check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
+    check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
+    if float(sigmas[-1]) != 0:
+        raise ValueError("sigmas must end at 0 (the last step returns the data-consistent prediction)")
+    top, bottom = float(sigmas[0]), float(sigmas[sigmas > 0].min())
+    n = len(sigmas) - 1
+    for i in progress_bar(range(n), total=n, enabled=show_progress, desc="sampling"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        with torch.no_grad():
+            x0 = denoiser(x, x.new_full((x.shape[0],), sigma))
+        if guidance.active(sigma_progress(sigma, top, bottom)):
+            x0 = proximal_step(guidance, x0, sigma, lam, iterations)
+        with torch.no_grad():
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x0 + sigma_next * noise.to(x) if sigma_next > 0 else x0
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0_hat": x0, "distance": guidance.distance(x0).detach()})
+    return x
