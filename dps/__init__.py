@@ -13,6 +13,7 @@ from .guidance import MODES, RULES, DPSGuidance, GuidanceDivergedError
 from .host import guided_denoised
 from .noise import Gaussian, Noiseless, Poisson
 from .operators import LinearOperator, Operator, SuperResolution
+from .proximal import proximal_sample, proximal_step
 from .sampling import ddim_sample, ddpm_sample, euler_sample, heun_sample
 from .schedule import alphas_cumprod_from_betas, linear_betas, respace, sigma_from_alpha_cumprod
 
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "operators", "noise", "rules", "DPSGuidance", "GuidanceDivergedError", "RULES", "MODES", "__version__",
     "Gaussian", "Noiseless", "Poisson", "Operator", "LinearOperator", "SuperResolution",
-    "ddpm_sample", "ddim_sample", "euler_sample", "heun_sample", "guided_denoised",
+    "ddpm_sample", "ddim_sample", "euler_sample", "heun_sample", "guided_denoised", "proximal_sample", "proximal_step",
     "linear_betas", "alphas_cumprod_from_betas", "sigma_from_alpha_cumprod", "respace",
 ]

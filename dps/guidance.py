@@ -29,6 +29,10 @@ Step rules (``RULES``; one class each in ``dps.rules``, which owns every form of
   ``bench/host_defaults.py``; DDPM at 200 steps on the pixel prior: ζ = 10 best on all six demo tasks,
   ``bench/tune_demo.py``), but the two families' ζ differ tenfold.
 
+* ``"proximal"``: no gradient step; the prediction is replaced by the solution of a small data-consistency
+  problem around it (``dps.proximal``: DiffPIR's data subproblem with the DPS residual and noise floor, solved by
+  Gauss-Newton conjugate gradients), for samplers that re-noise the prediction with fresh noise every step.
+
 Gradient modes (``MODES``): ``"full"`` backpropagates through the denoiser (and decoder); ``"x0_only"``
 differentiates with respect to ``x0_hat`` alone (MPGD, He et al. 2024), several times cheaper, and
 maps the gradient back with the denoiser Jacobian replaced by that of a Gaussian prior of standard
@@ -195,6 +199,11 @@ class DPSGuidance:
         return self._evaluate(x_t, x0_fn)
 
     def _evaluate(self, x_t: torch.Tensor, x0_fn: Callable[[torch.Tensor], torch.Tensor]) -> GuidanceResult:
+        if not self.step_rule.differentiates:       # a rule that replaces the prediction (``"proximal"``)
+            with torch.no_grad():
+                x0_hat = x0_fn(x_t).detach()
+                distance = self.distance(x0_hat).detach()
+            return self._checked(GuidanceResult(x0_hat, distance, torch.zeros_like(x0_hat)), x_t)
         mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if self.inplace_safe else nullcontext()
         with torch.inference_mode(False), torch.enable_grad(), mutation:
             x = autograd_safe(x_t).detach().requires_grad_(self.mode == "full")

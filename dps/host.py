@@ -111,7 +111,12 @@ def guided_correction(result: GuidanceResult, guidance: DPSGuidance, sigma: floa
                       x: torch.Tensor, alpha: float = 1.0, move_share: float = MOVE_SHARE) -> torch.Tensor:
     """The correction ``c`` of ``D' = x0_hat + c`` for one σ-space evaluation (``guided_denoised``), in
     ``result.x0_hat``'s dtype, within the trust region ``step_limit`` (``move_share``: its ``share``). The step
-    it causes in one Euler step, ``(Δσ/σ)·c``, is checked for divergence."""
+    it causes in one Euler step, ``(Δσ/σ)·c``, is checked for divergence. A rule that replaces the prediction
+    (``"proximal"``, ``StepRule.prediction``) gives ``c = x0' − x0_hat`` at the level σ/α of x/α = x0 + (σ/α)ε,
+    without the trust region (its step is a bounded least-squares solve)."""
+    replaced = guidance.step_rule.prediction(guidance, result, sigma / alpha)   # x = α(x0 + (σ/α)ε)
+    if replaced is not None:
+        return guidance.check_step(replaced - result.x0_hat, x).to(result.x0_hat.dtype)
     limit = step_limit(x, result.x0_hat, sigma, delta_sigma, share=move_share)
     grad = guidance.step_gradient(result, x0_jacobian(sigma, guidance.sigma_data, alpha), limit=limit)
     correction = guidance.step_rule.denoised_correction(grad, sigma, delta_sigma, guidance.zeta, alpha)
@@ -205,8 +210,13 @@ def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tenso
     (``StepRule.eps_correction``): "dps"/"dps_paper" move one deterministic DDIM step by exactly −ζ∇d when the
     next ᾱ is known, "polyak" takes its rate form on x/√ᾱ, "schedule" (and the first step) the score form.
     The trust region is ``step_limit``'s on x/√ᾱ, where DDIM is Euler in σ = √((1−ᾱ)/ᾱ): the move
-    ``Δσ·δ = (Δσ/σ)·step/√ᾱ`` of one deterministic step is bounded as a σ-space sampler's."""
+    ``Δσ·δ = (Δσ/σ)·step/√ᾱ`` of one deterministic step is bounded as a σ-space sampler's. A rule that replaces the
+    prediction (``"proximal"``) gives the δ with which the sampler's x0 = (x_t − √(1−ᾱ)ε')/√ᾱ is x0'."""
     sigma = vp_sigma(alpha_cumprod)
+    replaced = guidance.step_rule.prediction(guidance, result, sigma)
+    if replaced is not None:    # ε' = (x_t − √ᾱ x0')/√(1−ᾱ): the sampler's prediction becomes x0'
+        step = guidance.check_step(replaced - result.x0_hat, x)
+        return -math.sqrt(alpha_cumprod / (1.0 - alpha_cumprod)) * step
     delta = None if alpha_cumprod_next is None else sigma - vp_sigma(alpha_cumprod_next)
     limit = step_limit(x, result.x0_hat, sigma, delta, scale=math.sqrt(alpha_cumprod))
     grad = guidance.step_gradient(result, vp_x0_jacobian(alpha_cumprod, guidance.sigma_data), limit=limit)

@@ -20,8 +20,9 @@ here on one Gauss-Newton linearisation of ``r`` at x0_hat, ``(J_rᵀJ_r + ρI) �
 ``x0' = x0_hat + δ``, with ``J_r = ∂r/∂x`` (``−∂(A∘D)/∂x`` for Gaussian noise) applied as a Jacobian-vector product
 and its transpose as a vector-Jacobian product: exact for a linear ``A`` without a decoder, one Gauss-Newton step
 through a nonlinear decoder. No gradient passes through
-the denoiser, so a step costs one denoiser evaluation and ``2·iterations + 1`` decoder passes, and the denoiser's
-activations are never kept.
+the denoiser, so a step costs one denoiser evaluation and, per iteration, one forward-mode and one reverse-mode
+pass of the decoder (the reverse one through a host's memory-bounded ``decoder_gradient`` when it has one); the
+denoiser's activations are never kept.
 
 ``proximal_sample`` re-noises x0' to the next level with fresh noise, ``x_{i+1} = x0' + σ_{i+1} z`` (DiffPIR with
 its ζ = 1; ComfyUI's and the WebUI's LCM sampler take the same step from a denoised prediction). Measured in
@@ -34,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .autograd_safe import autograd_safe
 from .guidance import DPSGuidance
 from .progress import progress_bar, sigma_progress
 from .schedule import check_sigmas
@@ -63,42 +65,55 @@ def noise_variance(guidance: DPSGuidance) -> float:
     return floor**2 / max(y[0].numel(), 1)
 
 
+def _decoder_products(guidance: DPSGuidance, z0: torch.Tensor) -> tuple[Callable, Callable, torch.Tensor]:
+    """``(v ↦ J_D v, w ↦ J_Dᵀ w, D(z0))`` for the guidance's decoder at ``z0``: the identity for pixel models;
+    ``J_D v`` by forward-mode differentiation (no graph kept); ``J_Dᵀ w`` through ``decoder_gradient``'s planned,
+    memory-bounded way when there is one (hosts), else from one kept graph of the plain decoder."""
+    if guidance.decoder_gradient is not None:
+        gradient = guidance.decoder_gradient
+        decode = gradient.decode
+        with torch.no_grad():
+            image0 = decode(z0).float()
+        return (lambda v: torch.func.jvp(decode, (z0,), (v,))[1].float(),
+                lambda w: gradient.vjp(z0, w.to(image0.dtype)).float(), image0)
+    if guidance.decoder is None:
+        return (lambda v: v), (lambda w: w), z0
+    decoder = guidance.decoder
+    image0, vjp = torch.func.vjp(lambda z: decoder(z).float(), z0)
+    return (lambda v: torch.func.jvp(decoder, (z0,), (v,))[1].float(), lambda w: vjp(w)[0], image0.detach())
+
+
 def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam: float = LAMBDA,
                   iterations: int = ITERATIONS) -> torch.Tensor:
-    """x0' of (1) in the module docstring for the prediction ``x0_hat`` at noise level ``sigma`` (> 0): ``iterations``
-    conjugate-gradient steps on the Gauss-Newton system ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r`` with ``ρ = lam·s²/σ²``, per sample.
-    ``guidance`` supplies ``y``, ``A``, the noise model and the decoder; its rule and ζ are not used. A sample whose
+    """x0' of (1) in the module docstring for the prediction ``x0_hat`` at noise level ``sigma`` (> 0):
+    ``iterations`` conjugate-gradient steps on the Gauss-Newton system ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r`` with
+    ``ρ = lam·s²/σ²``, per sample. ``guidance`` supplies ``y``, ``A``, the noise model and the decoder; its rule and ζ are not used. A sample whose
     residual or step is not finite keeps its ``x0_hat``."""
     check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
     check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
     check_number("sigma", sigma, above=0)
-    if guidance.decoder_gradient is not None:
-        raise ValueError("the proximal step differentiates through guidance.decoder; a memory-bounded "
-                         "decoder_gradient is not supported by it: leave decoder_gradient unset")
-    z0 = x0_hat.detach().float()
     rho = lam * noise_variance(guidance) / sigma**2
-
-    def residual(x: torch.Tensor) -> torch.Tensor:
-        image = guidance.decoder(x) if guidance.decoder is not None else x
-        y = guidance.y.detach().to(device=image.device, dtype=torch.float32)
-        ax = guidance.operator(image.float())
-        if y.shape[0] == 1 and ax.shape[0] > 1:
-            y = y.expand(ax.shape[0], *y.shape[1:])
-        return guidance.noise.residual(y, ax)
-
     with torch.inference_mode(False), torch.enable_grad():
-        r0, vjp = torch.func.vjp(residual, z0)
-        b = -vjp(r0)[0]           # −J_rᵀ r: minus the gradient of ½‖r‖² at x0_hat (J_r = ∂r/∂x = −J)
+        z0 = autograd_safe(x0_hat.detach()).float()      # a host's inference tensor, copied
+        y_safe = autograd_safe(guidance.y.detach())
+        jvp_decoder, vjp_decoder, image0 = _decoder_products(guidance, z0)
 
-        def normal(v: torch.Tensor) -> torch.Tensor:          # (J_rᵀJ_r + ρI) v
-            _, jv = torch.func.jvp(residual, (z0,), (v,))
-            return vjp(jv)[0] + rho * v
+        def residual(image: torch.Tensor) -> torch.Tensor:    # r as a function of the decoded image
+            y = y_safe.to(device=image.device, dtype=torch.float32)
+            ax = guidance.operator(image.float())
+            if y.shape[0] == 1 and ax.shape[0] > 1:
+                y = y.expand(ax.shape[0], *y.shape[1:])
+            return guidance.noise.residual(y, ax)
 
+        r0, vjp_image = torch.func.vjp(residual, image0)
+        transpose = lambda u: vjp_decoder(vjp_image(u)[0])                                   # noqa: E731  J_rᵀ u
+        forward = lambda v: torch.func.jvp(residual, (image0,), (jvp_decoder(v),))[1]      # noqa: E731  J_r v
+        b = -transpose(r0)        # minus the gradient of ½‖r‖² at x0_hat
         delta = torch.zeros_like(z0)
         r, p = b.clone(), b.clone()
         rs = _dot(r, r)
         for _ in range(iterations):
-            hp = normal(p)
+            hp = transpose(forward(p)) + rho * p                  # (J_rᵀJ_r + ρI) p
             curvature = _dot(p, hp)
             alpha = torch.where(curvature > 0, rs / curvature.clamp_min(1e-300), torch.zeros_like(rs))
             delta = delta + _per_sample(alpha, p) * p
@@ -137,9 +152,11 @@ def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, g
             x0 = denoiser(x, x.new_full((x.shape[0],), sigma))
         if guidance.active(sigma_progress(sigma, top, bottom)):
             x0 = proximal_step(guidance, x0, sigma, lam, iterations)
-        with torch.no_grad():
-            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-            x = x0 + sigma_next * noise.to(x) if sigma_next > 0 else x0
+        if sigma_next > 0:
+            device = generator.device if generator is not None else x.device
+            x = x0 + sigma_next * torch.randn(x.shape, generator=generator, device=device).to(x)
+        else:
+            x = x0
         if callback is not None:
             callback({"i": i, "sigma": sigma, "x": x, "x0_hat": x0, "distance": guidance.distance(x0).detach()})
     return x

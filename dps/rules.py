@@ -8,7 +8,9 @@ A rule turns the per-sample distance ``d = ‖residual(y, A(D(x0_hat)))‖`` and
 * ``denoised_correction``: the change of the denoised prediction ``D(x, σ)`` in σ-space samplers (k-diffusion,
   ComfyUI, the WebUI's k-samplers), given the checked direction and the step ``Δσ``;
 * ``eps_correction``: the change of ε̂ in timestep samplers (the WebUI's DDIM/PLMS/UniPC), given the checked step;
-* ``ddpm_step_size``: the factor of the direction in a DDPM/DDIM x-space update ``x_{t-1} = x'_{t-1} − size·dir``.
+* ``ddpm_step_size``: the factor of the direction in a DDPM/DDIM x-space update ``x_{t-1} = x'_{t-1} − size·dir``;
+* ``prediction`` (with ``differentiates = False``): a rule that replaces x0_hat outright instead (``"proximal"``);
+  every sampler form then takes its step from the new prediction.
 
 The base class holds the official DPS code's forms (a constant step, Euler-calibrated in σ-space); a rule
 overrides what differs. A new rule is one class with ``@register``; its name then appears in ``RULES`` and every
@@ -63,6 +65,12 @@ class StepRule:
 
     name: ClassVar[str] = ""
     scales_with_steps: ClassVar[bool] = False
+    differentiates: ClassVar[bool] = True
+
+    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float) -> torch.Tensor | None:
+        """The guided prediction itself, for a rule that replaces x0_hat outright rather than stepping along a
+        gradient (``sigma``: the level of ``x = x0 + σε``); ``None`` for the gradient rules."""
+        return None
 
     def objective(self, distance: torch.Tensor) -> torch.Tensor:
         """What is differentiated, per sample: ``d``."""
@@ -199,6 +207,23 @@ class Polyak(StepRule):
             raise ValueError("the 'polyak' rule needs alpha_cumprod for its DDPM step size")
         ac_prev = min(alpha_cumprod / (1.0 - beta), 1.0)
         return min(zeta * (1.0 - vp_sigma(ac_prev) / vp_sigma(alpha_cumprod)), 1.0)   # never past the whole excess
+
+
+@register
+class Proximal(StepRule):
+    """The data-consistency step on x0_hat (``dps.proximal``, DiffPIR's data subproblem solved by Gauss-Newton
+    conjugate gradients): the prediction becomes ``x0' = argmin ½‖r(x)‖² + ½ρ‖x − x0_hat‖²`` with
+    ``ρ = (λ/ζ) s²/σ²``, λ = ``dps.proximal.LAMBDA``, so ζ = 1 is the measured default and a larger ζ weighs the
+    measurement more. No gradient through the denoiser. Made for samplers that re-noise the prediction with fresh
+    noise at every step (``lcm``, and ``dps.proximal.proximal_sample``): a deterministic sampler re-uses the noise
+    estimate ``(x − x0')/σ``, which then carries the correction back (measured in bench/README.md)."""
+
+    name = "proximal"
+    differentiates = False
+
+    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float) -> torch.Tensor | None:
+        from .proximal import LAMBDA, proximal_step    # dps.proximal imports the guidance, which imports this
+        return proximal_step(guidance, result.x0_hat, sigma, lam=LAMBDA / guidance.zeta)
 
 
 RULES: tuple[str, ...] = tuple(REGISTRY)

@@ -23,7 +23,7 @@ import torch
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
-from .schedule import Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace
+from .schedule import Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace, vp_sigma
 from .validate import check_callable, check_int, check_number, check_shape, check_tensor
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,6 +53,9 @@ def _x0_and_guidance(eps_model: EpsModel, x: torch.Tensor, t: int, ac: float, cl
         with torch.no_grad():
             return x0_fn(x), None
     result = guidance.evaluate(x, x0_fn)
+    replaced = guidance.step_rule.prediction(guidance, result, vp_sigma(ac))
+    if replaced is not None:     # the rule replaces x0_hat (``"proximal"``): the step is taken from x0', no gradient
+        return replaced, None
     return result.x0_hat, result
 
 

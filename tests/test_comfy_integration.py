@@ -101,7 +101,8 @@ def test_in_process_every_sampler_and_entry_point(work):
     assert {"DPSApply", "DPSMeasure", "DPSSuperResolution", "DPSInpainting"} <= set(result["registered"])
     assert result["model_type"] == "BaseModel"                     # detected as SD1.5
     cases = dict(result["samplers"], **{k: result[k] for k in ("batch", "noise_mask", "sampler_custom_advanced",
-                                                                "taesd_surrogate", "lora_controlnet")})
+                                                                "taesd_surrogate", "lora_controlnet")},
+                 **{f"proximal {k}": v for k, v in result["proximal"].items()})
     for name, case in cases.items():
         for plain, dps in zip(case["plain"], case["dps"]):
             assert dps < 0.9 * plain, (name, plain, dps)

@@ -118,3 +118,66 @@ def test_thirty_proximal_steps_beat_the_hosts_euler_path_on_the_pixel_prior(monk
                                    generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
         gain = float(psnr(proximal, setup.truth).mean() - psnr(euler, setup.truth).mean())
         assert gain > 1.0, (task, gain)
+
+
+def _guidance(zeta: float = 1.0, **kw) -> tuple[DPSGuidance, torch.Tensor]:
+    op = Dense()
+    truth = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    y = Gaussian(0.05).sample(op(truth), torch.Generator().manual_seed(8))
+    return DPSGuidance(op, Gaussian(0.05), y, zeta=zeta, rule="proximal", **kw), truth
+
+
+def test_the_rule_replaces_the_prediction_in_every_sampler_form_without_a_gradient():
+    """Rule ``proximal``: the denoiser is evaluated without a graph; σ-space samplers get D' = x0' (at σ/α for a
+    flow model's x = α x0 + σε), the ε form gives the sampler x0', and ζ scales the measurement's weight
+    (λ = 0.3/ζ)."""
+    from dps.host import eps_correction, guided_denoised
+    from dps.proximal import LAMBDA
+
+    guidance, _ = _guidance(zeta=2.0)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(9))
+
+    def x0_fn(x_: torch.Tensor) -> torch.Tensor:
+        assert not torch.is_grad_enabled(), "the proximal rule needs no gradient through the denoiser"
+        return 0.5 * x_
+
+    result = guidance.evaluate(x, x0_fn)
+    assert torch.count_nonzero(result.grad) == 0
+    for sigma, alpha in ((1.5, 1.0), (0.6, 0.4)):
+        want = proximal_step(guidance, result.x0_hat, sigma / alpha, lam=LAMBDA / 2.0)
+        torch.testing.assert_close(guided_denoised(result, guidance, sigma, 0.3, x, alpha=alpha), want)
+    ac = 0.3
+    eps = torch.randn_like(x)
+    delta = eps_correction(guidance, result, x * ac**0.5, ac, 0.5)
+    sampler_x0 = (x * ac**0.5 - (1 - ac) ** 0.5 * (eps + delta)) / ac**0.5
+    plain_x0 = (x * ac**0.5 - (1 - ac) ** 0.5 * eps) / ac**0.5
+    step = proximal_step(guidance, result.x0_hat, ((1 - ac) / ac) ** 0.5, lam=LAMBDA / 2.0) - result.x0_hat
+    torch.testing.assert_close(sampler_x0 - plain_x0, step, rtol=1e-4, atol=1e-5)
+
+
+def test_a_host_lcm_sampler_with_the_rule_is_the_proximal_sampler():
+    """ComfyUI's and the WebUI's LCM sampler (x ← D'(x, σ_i) + σ_{i+1} z) guided with rule ``proximal`` at ζ = 1 is
+    ``proximal_sample`` step for step; DDPM with the rule runs and fits the measurement better than unguided."""
+    from dps.host import guided_denoised
+    from dps.sampling import ddpm_sample
+
+    guidance, truth = _guidance()
+    denoise = lambda x_, s: x_ / (1 + s.view(-1, 1, 1, 1) ** 2)          # noqa: E731  Gaussian prior N(0, 1)
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(10)) * 10
+    gen = torch.Generator().manual_seed(11)
+    x = x_T.clone()
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        result = guidance.evaluate(x, lambda x_: denoise(x_, x_.new_full((2,), s)))
+        x = guided_denoised(result, guidance, s, s - s_next, x)
+        if s_next > 0:
+            x = x + s_next * torch.randn(x.shape, generator=gen)
+    want = proximal_sample(denoise, x_T.clone(), sigmas, guidance, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(x, want)
+    eps = lambda x_, t: 0.3 * x_                                          # noqa: E731
+    kw = dict(shape=(2, 1, 4, 4), steps=20, clip_x0=False)
+    guided = ddpm_sample(eps, guidance=guidance, generator=torch.Generator().manual_seed(1), **kw)
+    plain = ddpm_sample(eps, generator=torch.Generator().manual_seed(1), **kw)
+    assert bool(torch.isfinite(guided).all())
+    assert bool((guidance.distance(guided) < 0.5 * guidance.distance(plain)).all())

@@ -23,7 +23,7 @@ def _problem(batch=2, size=8):
 
 
 def test_rules_come_from_the_registry():
-    assert RULES == tuple(rules.REGISTRY) == ("dps", "dps_paper", "schedule", "polyak")
+    assert RULES == tuple(rules.REGISTRY) == ("dps", "dps_paper", "schedule", "polyak", "proximal")
     assert all(rules.get_rule(name).name == name for name in RULES)
     with pytest.raises(ValueError, match="rule must be one of"):
         rules.get_rule("nope")

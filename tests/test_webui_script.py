@@ -326,7 +326,7 @@ def test_xyz_plot_axes_override_the_accordion(webui):
     assert labels == ["Nothing", "[DPS] Strength zeta", "[DPS] Step rule", "[DPS] Gradient", "[DPS] Guidance start",
                       "[DPS] Guidance end"]
     axes = {o.label: o for o in entry.module.axis_options}
-    assert axes["[DPS] Step rule"].choices() == ["dps", "dps_paper", "schedule", "polyak"]
+    assert axes["[DPS] Step rule"].choices() == ["dps", "dps_paper", "schedule", "polyak", "proximal"]
 
     sd_model = host.SdModel()
     _, y, upload = truth_and_measurement(sd_model)
