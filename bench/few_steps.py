@@ -56,6 +56,44 @@ def official_settings(spec: str, task: str, steps: int) -> list[tuple[str, float
     return pairs
 
 
+def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: float, steps: int, seed: int,
+                 trace_every: int = 0) -> dict:
+    """The DDPM loop (``dps.sampling.ddpm_sample``) with ``rule`` at ``zeta``: PSNR, final residual over its floor,
+    seconds, and with ``trace_every`` the prediction's residual over the floor and PSNR every that many steps."""
+    g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
+    ac = alphas_cumprod_from_betas(linear_betas()).float()
+    floor = float(noise.expected_distance(y[:1]))
+    trace: list[dict] = []
+
+    def record(info: dict) -> None:
+        if info["i"] % trace_every == 0 or info["i"] == steps - 1:
+            trace.append({"step": info["i"], "sigma": float(sigma_from_alpha_cumprod(ac[info["t"]])),
+                          "residual": float(info["distance"].mean()) / floor,
+                          "psnr_x0_hat": float(psnr(info["x0_hat"].clamp(-1, 1), setup.truth).mean())})
+    t0 = time.monotonic()
+    x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=steps, guidance=g,
+                    generator=torch.Generator().manual_seed(seed), callback=record if trace_every else None)
+    x = x.clamp(-1, 1)
+    return {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
+            "seconds": time.monotonic() - t0, **({"trace": trace} if trace else {})}
+
+
+def host_run(name: str, setting: str, args: argparse.Namespace, denoise, x_T: torch.Tensor, sigmas: torch.Tensor,
+             op, y: torch.Tensor, noise: Gaussian) -> tuple[str, torch.Tensor]:
+    """One host-path run: ``proximal`` (``dps.proximal``'s sampler, ``setting`` its λ) or a host sampler guided by
+    ``setting`` = rule:ζ. Returns the setting's label and the clamped sample."""
+    if name == "proximal":
+        g = DPSGuidance(op, noise, y, start=args.start)
+        x = proximal_sample(denoise, x_T, sigmas, g, lam=float(setting), iterations=args.cg_iterations,
+                            generator=torch.Generator().manual_seed(1))
+        return f"lambda:{setting} cg:{args.cg_iterations}", x.clamp(-1, 1)
+    rule, zeta = setting.split(":")
+    g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start, on_nonfinite="skip")
+    x = HOST_SAMPLERS[name](denoise, x_T, sigmas, g, final_iterations=args.final_iterations,
+                            move_share=args.move_share)
+    return setting, x.clamp(-1, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8)
@@ -95,46 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         row = results["tasks"].setdefault(task, {})
         if args.official_steps:
             for rule, zeta in official_settings(args.official_rules, task, args.official_steps):
-                g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
-                trace: list[dict] = []
-                floor = float(noise.expected_distance(y[:1]))
-
-                def record(info: dict) -> None:        # the prediction's residual and PSNR along the loop
-                    if info["i"] % args.trace_every == 0 or info["i"] == args.official_steps - 1:
-                        trace.append({"step": info["i"], "sigma": float(sigma_from_alpha_cumprod(ac[info["t"]])),
-                                      "residual": float(info["distance"].mean()) / floor,
-                                      "psnr_x0_hat": float(psnr(info["x0_hat"].clamp(-1, 1), setup.truth).mean())})
-                t0 = time.monotonic()
-                x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape),
-                                steps=args.official_steps, guidance=g, generator=torch.Generator().manual_seed(s.seed + 1),
-                                callback=record if args.trace_every else None).clamp(-1, 1)
                 key = f"official ddpm {args.official_steps} {rule}:{zeta:g}"
-                row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
-                            "seconds": time.monotonic() - t0, **({"trace": trace} if trace else {})}
+                row[key] = official_run(setup, op, y, noise, rule, zeta, args.official_steps, s.seed + 1,
+                                        args.trace_every)
                 print(task, key, {k: v for k, v in row[key].items() if k != "trace"}, file=sys.stderr, flush=True)
-                for point in trace:
-                    print(f"  step {point['step']:4d}  σ {point['sigma']:7.2f}  residual/floor {point['residual']:6.2f}  "
-                          f"x0_hat {point['psnr_x0_hat']:5.2f} dB", file=sys.stderr)
+                for point in row[key].get("trace", []):
+                    print(f"  step {point['step']:4d}  σ {point['sigma']:7.2f}  residual/floor "
+                          f"{point['residual']:6.2f}  x0_hat {point['psnr_x0_hat']:5.2f} dB", file=sys.stderr)
         for steps in (int(v) for v in args.steps.split(",")):
             t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
             sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
-            x_T = torch.randn((len(setup.truth), *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
+            x_T = torch.randn((len(setup.truth), *setup.prior.shape),
+                              generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for name in args.samplers.split(","):
                 for setting in (args.lam.split(",") if name == "proximal" else args.settings.split(",")):
                     t0 = time.monotonic()
-                    if name == "proximal":    # the data-consistency step on x0_hat and fresh noise (dps.proximal)
-                        g = DPSGuidance(op, noise, y, start=args.start)
-                        x = proximal_sample(denoise, x_T.clone(), sigmas, g, lam=float(setting),
-                                            iterations=args.cg_iterations,
-                                            generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
-                        setting = f"lambda:{setting} cg:{args.cg_iterations}"
-                    else:
-                        rule, zeta = setting.split(":")
-                        g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start,
-                                        on_nonfinite="skip")
-                        x = HOST_SAMPLERS[name](denoise, x_T.clone(), sigmas, g,
-                                                final_iterations=args.final_iterations,
-                                                move_share=args.move_share).clamp(-1, 1)
+                    setting, x = host_run(name, setting, args, denoise, x_T.clone(), sigmas, op, y, noise)
                     key = f"{name} {steps} {setting}"
                     row[key] = {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
                                 "seconds": time.monotonic() - t0}

@@ -87,8 +87,9 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
                   iterations: int = ITERATIONS) -> torch.Tensor:
     """x0' of (1) in the module docstring for the prediction ``x0_hat`` at noise level ``sigma`` (> 0):
     ``iterations`` conjugate-gradient steps on the Gauss-Newton system ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r`` with
-    ``ρ = lam·s²/σ²``, per sample. ``guidance`` supplies ``y``, ``A``, the noise model and the decoder; its rule and ζ are not used. A sample whose
-    residual or step is not finite keeps its ``x0_hat``."""
+    ``ρ = lam·s²/σ²``, per sample. ``guidance`` supplies ``y``, ``A``, the noise model and the decoder; its rule
+    and ζ are not used (the rule ``"proximal"`` passes ``lam = LAMBDA/ζ``). A sample whose residual or step is not
+    finite keeps its ``x0_hat``."""
     check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
     check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
     check_number("sigma", sigma, above=0)
