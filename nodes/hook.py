@@ -36,6 +36,7 @@ from torch import nn
 from ..dps.guidance import MODES, RULES, DPSGuidance
 from ..dps.recompute import DENOISER_GRADIENTS, BlockRecompute
 from ..dps.vae_gradient import VAE_GRADIENTS, DecoderGradient
+from ..dps.proximal import sampler_note
 from ..dps.host import HOST_RULE as DEFAULT_RULE
 from ..dps.host import HOST_ZETA as DEFAULT_ZETA
 from ..dps.samplers import CorrectionFilter, ProbedFamily, StageClock, sampler_family, stage_clock
@@ -224,6 +225,10 @@ class DPSPatch:
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
         function = getattr(sampler, "sampler_function", None)
+        note = sampler_note(self.settings.rule, getattr(function, "__name__", None) or type(sampler).__name__)
+        if note is not None and note not in self._told:
+            self._told.add(note)
+            log.warning("DPS: %s", note)
         if callable(function) and isinstance(sigmas, torch.Tensor):
             self.run.stages = stage_clock(function, sigmas, getattr(sampler, "extra_options", None) or {})
         try:

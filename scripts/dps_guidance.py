@@ -15,6 +15,7 @@ import torch
 from dps.guidance import DPSGuidance
 from dps.recompute import BlockRecompute
 from dps.operators import registry
+from dps.proximal import sampler_note
 from dps.vae_gradient import VAE_GRADIENTS
 from dps_webui import hooks, measure, xyz
 from dps_webui.settings import (ARG_NAMES, DEFAULTS, INFOTEXT_KEY, NOISES, NOTE_KEY, OPERATOR_SETTINGS, RULES, SOURCES,
@@ -211,6 +212,9 @@ if scripts is not None:
             if getattr(p, "is_hr_pass", False):
                 job.note("not applied in the hires-fix pass (the measurement fits the first pass)")
                 return
+            note = sampler_note(state.settings.rule, str(getattr(p, "sampler_name", "") or ""))
+            if note is not None:
+                job.note(note)
             try:
                 forge = hasattr(p.sd_model, "forge_objects")
                 guidance = self._guidance(p, state, forge)

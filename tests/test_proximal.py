@@ -181,3 +181,20 @@ def test_a_host_lcm_sampler_with_the_rule_is_the_proximal_sampler():
     plain = ddpm_sample(eps, generator=torch.Generator().manual_seed(1), **kw)
     assert bool(torch.isfinite(guided).all())
     assert bool((guidance.distance(guided) < 0.5 * guidance.distance(plain)).all())
+
+
+@pytest.mark.parametrize("rule, sampler, told", [
+    ("proximal", "euler", True), ("proximal", "sample_dpmpp_2m", True), ("proximal", "DPM++ 2M", True),
+    ("proximal", "lcm", False), ("proximal", "sample_lcm", False), ("proximal", "LCM", False),
+    ("polyak", "euler", False),
+])
+def test_the_user_is_told_when_the_rule_does_not_suit_the_sampler(rule, sampler, told):
+    """Rule ``proximal`` with a sampler that re-uses its noise estimate loses several dB (bench/README.md): the
+    hosts say so once, naming the sampler and the fix; with LCM (by ComfyUI's or the WebUI's name) or another
+    rule nothing is said."""
+    from dps.proximal import sampler_note
+
+    note = sampler_note(rule, sampler)
+    assert (note is not None) is told
+    if told:
+        assert sampler in note and "LCM sampler" in note and "polyak" in note

@@ -404,3 +404,18 @@ def test_vae_gradient_setting_reaches_the_guidance_and_the_infotext(webui, vae_g
     assert sr_residual(bounded, y) < 0.5 * sr_residual(plain, y)
     if vae_gradient == "checkpointed":
         torch.testing.assert_close(bounded, full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_proximal_rule_guides_and_says_when_the_sampler_does_not_suit_it(webui):
+    """Rule ``proximal`` through the WebUI's k-diffusion path: the residual falls; with a sampler other than LCM
+    the infotext's note says which sampler suits it (``dps.proximal.sampler_note``), with LCM nothing is said."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    args = args_for(image=upload, rule="proximal", zeta=1.0)
+    plain, _ = a1111_run(webui, host.Processing(sd_model), args, script=False)
+    guided, info = a1111_run(webui, host.Processing(sd_model), args)
+    assert "DPS error" not in info and "rule: proximal" in info["DPS"], info
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y)
+    assert "LCM sampler" in info["DPS note"] and "Euler" in info["DPS note"]
+    _, info = a1111_run(webui, host.Processing(sd_model, sampler_name="LCM"), args)
+    assert "LCM sampler" not in info.get("DPS note", "")

@@ -398,8 +398,9 @@ class Processing:
     """StableDiffusionProcessing's fields that the script reads."""
 
     def __init__(self, sd_model, width=32, height=32, steps=12, batch_size=1, seed=1, init_images=None,
-                 image_mask=None):
+                 image_mask=None, sampler_name="Euler"):
         self.sd_model, self.width, self.height, self.steps = sd_model, width, height, steps
+        self.sampler_name = sampler_name
         self.batch_size, self.seed, self.cfg_scale = batch_size, seed, 2.0
         self.init_images, self.image_mask, self.inpainting_mask_invert = init_images, image_mask, 0
         self.extra_generation_params: dict = {}
