@@ -15,6 +15,8 @@ test picture). Each configuration runs in a fresh subprocess; what it reports:
 Configurations (``--configs``): ``unguided``; ``taesd`` (the fast decoder for the whole schedule); ``vae``
 (the checkpoint's VAE, ``vae_gradient`` auto); ``vae_checkpointed``, ``vae_tiled``; each guided one with the
 node's default gradient ``full`` (through the UNet) or, with the suffix ``:x0_only``, through the decoder only.
+``--rule`` and ``--sampler`` set the node's step rule and the KSampler's sampler (``--rule proximal --sampler lcm``:
+the data step on x0_hat, ``dps.proximal``, which differentiates the decoder and the operator only).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/real_step.py --size 512 --json > out.json
     python bench/real_step.py --show out.json
@@ -95,7 +97,7 @@ def run_one(config: dict) -> dict:
             surrogate = comfy.taesd.taesd.Decoder(latent_channels=4)
             surrogate.load_state_dict(sd)
             surrogate = surrogate.float().eval().requires_grad_(False)
-        settings = hook.Settings(mode=gradient, vae_gradient=mode, vae_tile=config.get("vae_tile", 0),
+        settings = hook.Settings(mode=gradient, rule=config.get("rule", "polyak"), vae_gradient=mode, vae_tile=config.get("vae_tile", 0),
                                  denoiser_gradient=config.get("denoiser_gradient", "auto"),
                                  memory_budget=config["budget_gib"] * 2**30 if config.get("budget_gib") else None)
         model, patch = hook.apply_dps(fam.model, fam.vae, y_img, op, noise, settings, surrogate=surrogate,
@@ -116,12 +118,13 @@ def run_one(config: dict) -> dict:
         rss_before = _status("VmRSS")
         _reset_peak()
         start = time.perf_counter()
-        samples = comfy.sample.sample(model, noise_t, steps, 5.0, "euler", "normal", fam.positive, fam.negative,
+        samples = comfy.sample.sample(model, noise_t, steps, 5.0, config.get("sampler", "euler"), "normal", fam.positive, fam.negative,
                                       latent["samples"], denoise=1.0, callback=callback, disable_pbar=True, seed=7)
         peak = _status("VmHWM")
     marks = [start] + times
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    out = {"config": config["name"], "size": size, "attention": config.get("attention", "default"),
+    out = {"config": config["name"], "size": size, "rule": config.get("rule", "polyak"),
+           "sampler": config.get("sampler", "euler"), "attention": config.get("attention", "default"),
            "budget_gib": config.get("budget_gib") or None, "vae_tile": config.get("vae_tile", 0), "steps": config["steps"], "finite": bool(torch.isfinite(samples).all()),
            "warmup_s": round(per_step[0], 2), "step_s": round(sum(per_step[1:-1]) / (len(per_step) - 2), 2) if len(per_step) > 2 else None,
            "last_s": round(per_step[-1], 2),
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gib", type=float, default=0,
                         help="the memory the gradient may use (the node's memory_budget; 0: half the free memory), "
                              "e.g. what a smaller card has left after the weights")
+    parser.add_argument("--rule", default="polyak", help="the node's step_rule (proximal: the data step, no UNet gradient)")
+    parser.add_argument("--sampler", default="euler", help="the KSampler's sampler (lcm: the one the rule proximal suits)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", action="store_true")
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {"name": name, "size": args.size, "steps": args.steps, "threads": args.threads,
                   "tokens": args.tokens, "pack": pack, "vae_tile": args.vae_tile,
                   "denoiser_gradient": args.denoiser_gradient, "attention": args.attention,
-                  "budget_gib": args.budget_gib}
+                  "budget_gib": args.budget_gib, "rule": args.rule, "sampler": args.sampler}
         result = _child(config, args.timeout)
         print(json.dumps(result), file=sys.stderr, flush=True)
         results.append(result)

@@ -253,7 +253,9 @@ class DPSApply(io.ComfyNode):
                                        "one strength suits every task and step count (recommended). dps: the paper's "
                                        "code, a fixed step per sampler step (needs a strength per task). dps_paper: "
                                        "the paper's Algorithm 1 (dps with half the strength). schedule: scaled with "
-                                       "the noise level, gentle early, firm late."),
+                                       "the noise level, gentle early, firm late. proximal: the prediction is made to "
+                                       "fit the measurement at every step (no gradient through the model, less "
+                                       "memory); use it with the lcm sampler."),
                 io.Combo.Input("gradient", options=list(MODES), default="full",
                                tooltip="full: through the UNet, as the paper (slower, more memory). x0_only: through "
                                        "the VAE only, about 2x faster, weaker early on."),
