@@ -31,7 +31,8 @@ from dps.app.tuned import guidance_for  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
 from host_defaults import denoiser_from_eps, euler, euler_ancestral  # noqa: E402
 from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
-from dps.proximal import ITERATIONS, LAMBDA, proximal_sample  # noqa: E402
+from dps.proximal import ITERATIONS, LAMBDA  # noqa: E402
+from dps.sampling import proximal_sample  # noqa: E402
 
 HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
 

@@ -32,7 +32,7 @@ from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, 
 from dps.host import (FINAL_ITERATIONS, MOVE_SHARE, final_refinement, final_stage_refinement,  # noqa: E402
                       guided_correction, is_last_step)
 from dps.progress import step_progress  # noqa: E402
-from dps.proximal import proximal_sample  # noqa: E402
+from dps.sampling import proximal_sample  # noqa: E402
 from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
 
@@ -205,7 +205,7 @@ def comfy_schedule(path: str, name: str, steps: int) -> torch.Tensor:
 
 def proximal(denoise, x, sigmas, guidance: DPSGuidance, filtered: bool = True, seed: int = 1,
              final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
-    """``dps.proximal.proximal_sample`` at its defaults: the data-consistency step on x0_hat and fresh noise (the
+    """``dps.sampling.proximal_sample`` at its defaults: the data-consistency step on x0_hat and fresh noise (the
     guidance's rule and ζ are not used; the other options concern the hosts' samplers)."""
     return proximal_sample(denoise, x, sigmas, guidance, generator=torch.Generator().manual_seed(seed))
 

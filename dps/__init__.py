@@ -13,8 +13,8 @@ from .guidance import MODES, RULES, DPSGuidance, GuidanceDivergedError
 from .host import guided_denoised
 from .noise import Gaussian, Noiseless, Poisson
 from .operators import LinearOperator, Operator, SuperResolution
-from .proximal import proximal_sample, proximal_step
-from .sampling import ddim_sample, ddpm_sample, euler_sample, heun_sample
+from .proximal import proximal_step
+from .sampling import ddim_sample, ddpm_sample, euler_sample, heun_sample, proximal_sample
 from .schedule import alphas_cumprod_from_betas, linear_betas, respace, sigma_from_alpha_cumprod
 
 __version__ = "0.1.0"

@@ -269,13 +269,21 @@ class DPSGuidance:
 
     def image_distance(self, image: torch.Tensor) -> torch.Tensor:
         """Per-sample ``d = ‖residual(y, A(image))‖`` for a decoded image in [-1, 1], in float32 at least."""
+        return self.noise.distance(*self._measured(image))
+
+    def image_residual(self, image: torch.Tensor) -> torch.Tensor:
+        """The noise model's residual ``residual(y, A(image))`` itself, in float32 at least (``dps.proximal``)."""
+        return self.noise.residual(*self._measured(image))
+
+    def _measured(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, A(image))`` in the image's dtype (float32 for half precision), ``y`` broadcast to the batch."""
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()
         y = autograd_safe(self.y).to(device=image.device, dtype=image.dtype)
         ax = self.operator(image)
         if y.shape[0] == 1 and ax.shape[0] > 1:
             y = y.expand(ax.shape[0], *y.shape[1:])
-        return self.noise.distance(y, ax)
+        return y, ax
 
     def _checked(self, result: GuidanceResult, x_t: torch.Tensor) -> GuidanceResult:
         finite = bool(torch.isfinite(result.grad).all()) and bool(torch.isfinite(result.distance).all())

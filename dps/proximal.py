@@ -24,9 +24,9 @@ the denoiser, so a step costs one denoiser evaluation and, per iteration, two de
 pass of the decoder (the reverse one through a host's memory-bounded ``decoder_gradient`` when it has one); the
 denoiser's activations are never kept.
 
-``proximal_sample`` re-noises x0' to the next level with fresh noise, ``x_{i+1} = x0' + σ_{i+1} z`` (DiffPIR with
-its ζ = 1; ComfyUI's and the WebUI's LCM sampler take the same step from a denoised prediction). Measured in
-``bench/README.md`` (*Few host steps against the official 1000-step DPS*).
+``dps.sampling.proximal_sample`` re-noises x0' to the next level with fresh noise, ``x_{i+1} = x0' + σ_{i+1} z``
+(DiffPIR with its ζ = 1; ComfyUI's and the WebUI's LCM sampler take the same step from a denoised prediction).
+Measured in ``bench/README.md`` (*The proximal data step*).
 """
 
 from __future__ import annotations
@@ -37,12 +37,7 @@ import torch
 
 from .autograd_safe import autograd_safe
 from .guidance import DPSGuidance
-from .progress import progress_bar, sigma_progress
-from .schedule import check_sigmas
-from .validate import check_callable, check_int, check_number, check_tensor
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[dict], None]
+from .validate import check_int, check_number
 
 # λ of (1) and the conjugate-gradient iterations per step; chosen on the tuning digits 50-57 (bench/README.md).
 LAMBDA = 0.3
@@ -132,16 +127,8 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
     rho = lam * noise_variance(guidance) / sigma**2
     with torch.inference_mode(False), torch.enable_grad():
         z0 = autograd_safe(x0_hat.detach()).float()      # a host's inference tensor, copied
-        y_safe = autograd_safe(guidance.y.detach())
         jvp_decoder, vjp_decoder, image0 = _decoder_products(guidance, z0)
-
-        def residual(image: torch.Tensor) -> torch.Tensor:    # r as a function of the decoded image
-            y = y_safe.to(device=image.device, dtype=torch.float32)
-            ax = guidance.operator(image.float())
-            if y.shape[0] == 1 and ax.shape[0] > 1:
-                y = y.expand(ax.shape[0], *y.shape[1:])
-            return guidance.noise.residual(y, ax)
-
+        residual = guidance.image_residual                  # r as a function of the decoded image
         r0, vjp_image = torch.func.vjp(residual, image0)
         transpose = lambda u: vjp_decoder(vjp_image(u)[0])                                   # noqa: E731  J_rᵀ u
         forward = lambda v: torch.func.jvp(residual, (image0,), (jvp_decoder(v),))[1]      # noqa: E731  J_r v
@@ -162,38 +149,3 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
     finite = torch.isfinite(delta.flatten(1)).all(1) & torch.isfinite(r0.detach().flatten(1)).all(1)
     out = torch.where(_per_sample(finite, z0).bool(), z0 + torch.nan_to_num(delta), z0)
     return out.to(x0_hat.dtype)
-
-
-def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance,
-                    lam: float = LAMBDA, iterations: int = ITERATIONS, generator: torch.Generator | None = None,
-                    show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
-    """Sample with the proximal data step: at each level ``σ_i`` of ``sigmas`` (descending, ending at 0),
-    ``x0_hat = D(x, σ_i)``, ``x0' = proximal_step(x0_hat)`` (while ``guidance.active``), then
-    ``x ← x0' + σ_{i+1} z`` with fresh noise ``z`` (the last step returns x0'). ``x`` starts at ``sigmas[0]``'s
-    noise scale, ``D(x, σ)`` is a denoiser with ``x = x0 + σε`` (k-diffusion's convention). ``callback`` gets the
-    step index, σ, the new x, x0' and the per-sample distance of x0'."""
-    check_callable("denoiser", denoiser, "a denoiser D(x, sigma)")
-    check_tensor("x", x, floating=True, finite=True, fix="start from finite noise, e.g. torch.randn(shape) * sigmas[0]")
-    check_sigmas(sigmas)
-    if not isinstance(guidance, DPSGuidance):
-        raise TypeError(f"guidance must be a dps.DPSGuidance, got {type(guidance).__name__}")
-    check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
-    check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
-    if float(sigmas[-1]) != 0:
-        raise ValueError("sigmas must end at 0 (the last step returns the data-consistent prediction)")
-    top, bottom = float(sigmas[0]), float(sigmas[sigmas > 0].min())
-    n = len(sigmas) - 1
-    for i in progress_bar(range(n), total=n, enabled=show_progress, desc="sampling"):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        with torch.no_grad():
-            x0 = denoiser(x, x.new_full((x.shape[0],), sigma))
-        if guidance.active(sigma_progress(sigma, top, bottom)):
-            x0 = proximal_step(guidance, x0, sigma, lam, iterations)
-        if sigma_next > 0:
-            device = generator.device if generator is not None else x.device
-            x = x0 + sigma_next * torch.randn(x.shape, generator=generator, device=device).to(x)
-        else:
-            x = x0
-        if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "x0_hat": x0, "distance": guidance.distance(x0).detach()})
-    return x

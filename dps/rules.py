@@ -215,7 +215,7 @@ class Proximal(StepRule):
     conjugate gradients): the prediction becomes ``x0' = argmin ½‖r(x)‖² + ½ρ‖x − x0_hat‖²`` with
     ``ρ = (λ/ζ) s²/σ²``, λ = ``dps.proximal.LAMBDA``, so ζ = 1 is the measured default and a larger ζ weighs the
     measurement more. No gradient through the denoiser. Made for samplers that re-noise the prediction with fresh
-    noise at every step (``lcm``, and ``dps.proximal.proximal_sample``): a deterministic sampler re-uses the noise
+    noise at every step (``lcm``, and ``dps.sampling.proximal_sample``): a deterministic sampler re-uses the noise
     estimate ``(x − x0')/σ``, which then carries the correction back (measured in bench/README.md)."""
 
     name = "proximal"

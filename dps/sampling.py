@@ -5,6 +5,7 @@
   [-1, 1] (``clip_denoised=True``), the DDPM step, then ``x_{t-1} = x'_{t-1} − size·∇``. The variance
   is the fixed posterior variance β̃_t (the official model learns it; ours predict ε only).
 * ``ddim_sample``: DDIM (Song et al. 2021, eq. 12) with ``eta``, guided the same way.
+* ``proximal_sample``: x0_hat made to fit the measurement at each level (``dps.proximal``), then fresh noise.
 * ``euler_sample`` / ``heun_sample``: σ-space samplers over a denoiser ``D(x, σ)`` with x = x0 + σε,
   the convention of k-diffusion, ComfyUI and the WebUI; guidance is a correction of D
   (``dps.guidance.denoised_correction``), exactly as the host adapters apply it.
@@ -23,6 +24,7 @@ import torch
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
+from .proximal import ITERATIONS, LAMBDA, proximal_step
 from .schedule import Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace, vp_sigma
 from .validate import check_callable, check_int, check_number, check_shape, check_tensor
 
@@ -233,4 +235,37 @@ def _sigma_loop(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guida
         if callback is not None:
             distance = model.last_distance if isinstance(model, GuidedDenoiser) else None
             callback({"i": i, "sigma": sigma, "x": x, "x0_hat": denoised, "distance": distance})
+    return x
+
+
+def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance,
+                    lam: float = LAMBDA, iterations: int = ITERATIONS, generator: torch.Generator | None = None,
+                    show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
+    """Sample with the proximal data step (``dps.proximal``; DiffPIR's sampler with its ζ = 1): at each level
+    ``σ_i`` of ``sigmas`` (descending, ending at 0), ``x0_hat = D(x, σ_i)``, ``x0' = proximal_step(x0_hat)`` (while
+    ``guidance.active``), then ``x ← x0' + σ_{i+1} z`` with fresh noise ``z`` (the last step returns x0'). ``x``
+    starts at ``sigmas[0]``'s noise scale, ``D(x, σ)`` is a denoiser with ``x = x0 + σε`` (k-diffusion's
+    convention). ``callback`` gets the step index, σ, the new x, x0' and the per-sample distance of x0'."""
+    _check_sigma_args(denoiser, x, sigmas, guidance, callback)
+    if guidance is None:
+        raise TypeError("guidance must be a dps.DPSGuidance: the proximal sampler's step is the data step")
+    check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
+    check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
+    if float(sigmas[-1]) != 0:
+        raise ValueError("sigmas must end at 0 (the last step returns the data-consistent prediction)")
+    progress = _sigma_progress(sigmas)
+    n = len(sigmas) - 1
+    for i in progress_bar(range(n), total=n, enabled=show_progress, desc="sampling"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        with torch.no_grad():
+            x0 = denoiser(x, x.new_full((x.shape[0],), sigma))
+        if guidance.active(progress(sigma)):
+            x0 = proximal_step(guidance, x0, sigma, lam, iterations)
+        if sigma_next > 0:
+            device = generator.device if generator is not None else x.device
+            x = x0 + sigma_next * torch.randn(x.shape, generator=generator, device=device).to(x)
+        else:
+            x = x0
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "x": x, "x0_hat": x0, "distance": guidance.distance(x0).detach()})
     return x

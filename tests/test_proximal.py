@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dps import DPSGuidance, Gaussian, Poisson, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod
-from dps.proximal import noise_variance, proximal_sample, proximal_step
+from dps.proximal import noise_variance, proximal_step
+from dps.sampling import proximal_sample
 
 
 class Dense:
@@ -85,7 +86,7 @@ def test_the_step_goes_through_a_nonlinear_decoder_and_keeps_a_non_finite_sample
     (lambda g, x: proximal_step(g, x, 1.0, iterations=0), "iterations"),
     (lambda g, x: proximal_step(g, x, 0.0), "sigma"),
     (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 1.0]), g), "end at 0"),
-    (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 0.0]), None), "DPSGuidance"),
+    (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 0.0]), None), "a dps.DPSGuidance"),
 ])
 def test_bad_arguments_are_refused_before_any_work(call, fix):
     op = Dense()
