@@ -17,9 +17,9 @@ dominates and x0' fits ``y``; late (σ → 0) the proximity term keeps x0' at th
 
 (1) is solved as DDS does (Chung, Lee & Ye, ICLR 2024): a few conjugate-gradient iterations started at x0_hat,
 here on one Gauss-Newton linearisation of ``r`` at x0_hat, ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r(x0_hat)``,
-``x0' = x0_hat + δ``, with ``J_r = ∂r/∂x`` (``−∂(A∘D)/∂x`` for Gaussian noise) applied as a Jacobian-vector product
-and its transpose as a vector-Jacobian product (through a decoder, the product by central differences): exact for
-a linear ``A`` without a decoder, one Gauss-Newton step through a nonlinear decoder. No gradient passes through
+``x0' = x0_hat + δ``, with ``J_r = ∂r/∂x`` (``−∂(A∘D)/∂x`` for Gaussian noise) applied by central differences and
+its transpose by reverse-mode differentiation: exact (to rounding) for a linear ``A`` without a decoder, one
+Gauss-Newton step through a nonlinear decoder. No gradient passes through
 the denoiser, so a step costs one denoiser evaluation and, per iteration, two decodes and one reverse-mode
 pass of the decoder (the reverse one through a host's memory-bounded ``decoder_gradient`` when it has one); the
 denoiser's activations are never kept.
@@ -77,12 +77,12 @@ def noise_variance(guidance: DPSGuidance) -> float:
     return floor**2 / max(y[0].numel(), 1)
 
 
-def _finite_jvp(decode: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, v: torch.Tensor,
+def _finite_jvp(fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, v: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-    """``J_D(z0) v`` by central differences, ``(D(z0 + hv) − D(z0 − hv))/(2h)`` per sample, with ``h·RMS(v)`` the
-    cube root of the output dtype's epsilon times ``max(RMS(z0), 1)`` (the step that balances truncation and
-    rounding errors of the decoder's output ``dtype``: ~5e-3 relative in float32, ~0.1 in float16). No graph and
-    no forward-mode differentiation: any host decoder runs as it does for a decode (forward-mode differentiation
+    """``J_fn(z0) v`` by central differences, ``(fn(z0 + hv) − fn(z0 − hv))/(2h)`` per sample, with ``h·RMS(v)`` the
+    cube root of ``dtype``'s epsilon times ``max(RMS(z0), 1)`` (the step that balances truncation and rounding
+    errors of a decoder computing in ``dtype``: ~5e-3 relative in float32, ~0.1 in float16). No graph and no
+    forward-mode differentiation: any host decoder runs as it does for a decode (forward-mode differentiation
     crashed the process on a ComfyUI decoder with inference-tensor weights, a fast decoder at 128 px)."""
     with torch.no_grad():
         scale = z0.flatten(1).square().mean(1).sqrt().clamp_min(1.0)
@@ -90,28 +90,32 @@ def _finite_jvp(decode: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor
         h = torch.finfo(dtype).eps ** (1 / 3) * scale
         h = torch.where(size > 0, h / size.clamp_min(1e-30), torch.zeros_like(h))
         step = _per_sample(h, z0) * v
-        diff = decode(z0 + step).float() - decode(z0 - step).float()
+        diff = fn(z0 + step).float() - fn(z0 - step).float()
         out = diff / _per_sample(2 * h.clamp_min(1e-30), diff)
     return torch.where(_per_sample(size > 0, out).bool(), out, torch.zeros_like(out))
 
 
-def _decoder_products(guidance: DPSGuidance, z0: torch.Tensor) -> tuple[Callable, Callable, torch.Tensor]:
-    """``(v ↦ J_D v, w ↦ J_Dᵀ w, D(z0))`` for the guidance's decoder at ``z0``: the identity for pixel models;
-    ``J_D v`` by central differences (``_finite_jvp``); ``J_Dᵀ w`` through ``decoder_gradient``'s planned,
-    memory-bounded way when there is one (hosts), else from one kept graph of the plain decoder."""
+def _reverse(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+             ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(fn(x), u ↦ J_fn(x)ᵀ u)`` from one kept graph (plain autograd, as the guidance's own gradients)."""
+    leaf = x.detach().requires_grad_(True)
+    out = fn(leaf)
+    return out.detach(), lambda u: torch.autograd.grad(out, leaf, u.to(out.dtype), retain_graph=True)[0].float()
+
+
+def _decoder(guidance: DPSGuidance, z0: torch.Tensor
+             ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(D, D(z0), w ↦ J_D(z0)ᵀ w)`` for the guidance's decoder: the identity for pixel models; ``J_Dᵀ`` through
+    ``decoder_gradient``'s planned, memory-bounded way when there is one (hosts), else from one kept graph."""
     if guidance.decoder_gradient is not None:
         gradient = guidance.decoder_gradient
         with torch.no_grad():
-            raw = gradient.decode(z0)
-        image0 = raw.float()
-        return (lambda v: _finite_jvp(gradient.decode, z0, v, raw.dtype),
-                lambda w: gradient.vjp(z0, w.to(raw.dtype)).float(), image0)
+            image0 = gradient.decode(z0)
+        return gradient.decode, image0, lambda w: gradient.vjp(z0, w.to(image0.dtype)).float()
     if guidance.decoder is None:
-        return (lambda v: v), (lambda w: w), z0
-    decoder = guidance.decoder
-    raw, vjp = torch.func.vjp(decoder, z0)
-    return (lambda v: _finite_jvp(decoder, z0, v, raw.dtype), lambda w: vjp(w.to(raw.dtype))[0].float(),
-            raw.detach().float())
+        return (lambda z: z), z0, (lambda w: w)
+    image0, transpose = _reverse(guidance.decoder, z0)
+    return guidance.decoder, image0, transpose
 
 
 def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam: float = LAMBDA,
@@ -127,11 +131,11 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
     rho = lam * noise_variance(guidance) / sigma**2
     with torch.inference_mode(False), torch.enable_grad():
         z0 = autograd_safe(x0_hat.detach()).float()      # a host's inference tensor, copied
-        jvp_decoder, vjp_decoder, image0 = _decoder_products(guidance, z0)
-        residual = guidance.image_residual                  # r as a function of the decoded image
-        r0, vjp_image = torch.func.vjp(residual, image0)
-        transpose = lambda u: vjp_decoder(vjp_image(u)[0])                                   # noqa: E731  J_rᵀ u
-        forward = lambda v: torch.func.jvp(residual, (image0,), (jvp_decoder(v),))[1]      # noqa: E731  J_r v
+        decode, image0, decoder_transpose = _decoder(guidance, z0)
+        r0, image_transpose = _reverse(guidance.image_residual, image0.float())
+        transpose = lambda u: decoder_transpose(image_transpose(u))                        # noqa: E731  J_rᵀ u
+        chain = lambda z: guidance.image_residual(decode(z))                               # noqa: E731  r(x)
+        forward = lambda v: _finite_jvp(chain, z0, v, image0.dtype)                         # noqa: E731  J_r v
         b = -transpose(r0)        # minus the gradient of ½‖r‖² at x0_hat
         delta = torch.zeros_like(z0)
         r, p = b.clone(), b.clone()
