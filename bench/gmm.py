@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from dps import (RULES, DPSGuidance, Gaussian, GuidanceDivergedError, alphas_cumprod_from_betas,  # noqa: E402
                  ddpm_sample, linear_betas)
 from dps.app import GaussianMixture, MatrixOperator, as_image, random_problem  # noqa: E402
+from dps.rules import get_rule  # noqa: E402
 from bench.machine import environment  # noqa: E402
 
 AC = alphas_cumprod_from_betas(linear_betas())
@@ -205,7 +206,10 @@ def mean(values):
 
 
 def methods(with_deepinv: bool) -> list[str]:
-    return list(RULES) + ["schedule_x0_only"] + (["deepinv_dps"] if with_deepinv else [])
+    """The gradient rules (the data step ``proximal`` is measured by few_steps.py and host_defaults.py), the x0-only
+    variant and deepinv's DPS when importable."""
+    gradient_rules = [r for r in RULES if get_rule(r).differentiates]
+    return gradient_rules + ["schedule_x0_only"] + (["deepinv_dps"] if with_deepinv else [])
 
 
 def main(argv: list[str] | None = None) -> int:
