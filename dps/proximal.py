@@ -37,6 +37,7 @@ import torch
 
 from .autograd_safe import autograd_safe
 from .guidance import DPSGuidance
+from .rules import per_sample
 from .validate import check_int, check_number
 
 # λ of (1) and the conjugate-gradient iterations per step; chosen on the tuning digits 50-57 (bench/README.md).
@@ -66,10 +67,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double()).flatten(1).sum(1)
 
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
 def noise_variance(guidance: DPSGuidance) -> float:
     """``s²`` of (1): the noise model's floor ``E‖n‖`` squared over the number of measured values per sample."""
     y = guidance.y.detach()
@@ -89,10 +86,9 @@ def _finite_jvp(fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, v:
         size = v.flatten(1).square().mean(1).sqrt()
         h = torch.finfo(dtype).eps ** (1 / 3) * scale
         h = torch.where(size > 0, h / size.clamp_min(1e-30), torch.zeros_like(h))
-        step = _per_sample(h, z0) * v
-        diff = fn(z0 + step).float() - fn(z0 - step).float()
-        out = diff / _per_sample(2 * h.clamp_min(1e-30), diff)
-    return torch.where(_per_sample(size > 0, out).bool(), out, torch.zeros_like(out))
+        step = per_sample(h, z0) * v
+        diff = fn(z0 + step).float() - fn(z0 - step).float()      # exactly 0 where v = 0 (h = 0)
+    return diff / per_sample(2 * h.clamp_min(1e-30), diff)
 
 
 def _reverse(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
@@ -143,13 +139,14 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
         for _ in range(iterations):
             hp = transpose(forward(p)) + rho * p                  # (J_rᵀJ_r + ρI) p
             curvature = _dot(p, hp)
-            alpha = torch.where(curvature > 0, rs / curvature.clamp_min(1e-300), torch.zeros_like(rs))
-            delta = delta + _per_sample(alpha, p) * p
-            r = r - _per_sample(alpha, hp) * hp
+            alpha = torch.where(curvature > 0, rs / curvature.clamp_min(1e-300), torch.zeros_like(rs)).to(p.dtype)
+            delta = delta + per_sample(alpha, p) * p
+            r = r - per_sample(alpha, hp) * hp
             rs_next = _dot(r, r)
-            p = r + _per_sample(torch.where(rs > 0, rs_next / rs.clamp_min(1e-300), torch.zeros_like(rs)), r) * p
+            beta = torch.where(rs > 0, rs_next / rs.clamp_min(1e-300), torch.zeros_like(rs)).to(p.dtype)
+            p = r + per_sample(beta, r) * p
             rs = rs_next
     delta = delta.detach()
     finite = torch.isfinite(delta.flatten(1)).all(1) & torch.isfinite(r0.detach().flatten(1)).all(1)
-    out = torch.where(_per_sample(finite, z0).bool(), z0 + torch.nan_to_num(delta), z0)
+    out = torch.where(per_sample(finite, z0), z0 + torch.nan_to_num(delta), z0)
     return out.to(x0_hat.dtype)
