@@ -2,7 +2,7 @@
 
 The official loop: ancestral DDPM, 1000 steps, rule ``dps`` with the demo's tuned ζ (``dps.app.tuned``: ζ = 3 at
 200 steps, rescaled to 0.6 at 1000), x0_hat clipped as the official code does. The host path: the prior as a
-k-diffusion denoiser D(x, σ) (``host_defaults.denoiser_from_eps``), the host's "normal" schedule, Euler or
+k-diffusion denoiser D(x, σ) (``dps.sampling.eps_denoiser``), the host's "normal" schedule, Euler or
 Euler ancestral, guidance through ``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1,
 gradient ``full``) unless ``--settings`` says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
 noise σ = 0.05; PSNR (dB) per task, and the final residual ‖y − A(x)‖ over its noise floor E‖n‖ (1 = fits the
@@ -29,10 +29,11 @@ from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, 
 from dps.app import DemoSettings, load_setup, measure, psnr  # noqa: E402
 from dps.app.tuned import guidance_for  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
-from host_defaults import denoiser_from_eps, euler, euler_ancestral  # noqa: E402
+from host_defaults import euler, euler_ancestral  # noqa: E402
 from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
 from dps.proximal import ITERATIONS, LAMBDA  # noqa: E402
-from dps.sampling import proximal_sample  # noqa: E402
+from dps.sampling import eps_denoiser, proximal_sample  # noqa: E402
+from dps.schedule import timestep_sigmas  # noqa: E402
 
 HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     s = DemoSettings(images=args.images, offset=args.offset, latent=False)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
-    denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
+    denoise = eps_denoiser(setup.prior.eps_model(), ac)
     noise = Gaussian(s.sigma)
     results: dict = {"images": args.images, "offset": args.offset, "mode": args.mode, "start": args.start,
                      "move_share": args.move_share, "tasks": {}}
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  step {point['step']:4d}  σ {point['sigma']:7.2f}  residual/floor "
                           f"{point['residual']:6.2f}  x0_hat {point['psnr_x0_hat']:5.2f} dB", file=sys.stderr)
         for steps in (int(v) for v in args.steps.split(",")):
-            t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
-            sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+            sigmas = timestep_sigmas(ac, steps)
             x_T = torch.randn((len(setup.truth), *setup.prior.shape),
                               generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for name in args.samplers.split(","):

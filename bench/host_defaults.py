@@ -32,20 +32,10 @@ from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, 
 from dps.host import (FINAL_ITERATIONS, MOVE_SHARE, final_refinement, final_stage_refinement,  # noqa: E402
                       guided_correction, is_last_step)
 from dps.progress import step_progress  # noqa: E402
-from dps.sampling import proximal_sample  # noqa: E402
+from dps.schedule import timestep_sigmas  # noqa: E402
+from dps.sampling import eps_denoiser, proximal_sample  # noqa: E402
 from dps.samplers import MAX_GAIN, CorrectionFilter, family_for  # noqa: E402
 from dps.app import DemoSettings, candidates, load_setup, measure, psnr  # noqa: E402
-
-
-def denoiser_from_eps(eps_model, alphas_cumprod: torch.Tensor):
-    """D(x, σ) for x = x0 + σε from an ε-model on the VP process (k-diffusion's DiscreteEpsDDPMDenoiser)."""
-    sigmas = sigma_from_alpha_cumprod(alphas_cumprod).float()
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = (sigmas[None] - sigma.float().view(-1, 1)).abs().argmin(dim=1)
-        ac = alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
-        return x - sigma.view(-1, 1, 1, 1) * eps_model(x * ac.sqrt(), t)
-    return denoise
 
 
 def euler(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True,
@@ -265,7 +255,7 @@ def main() -> int:
     s = DemoSettings(images=args.images, latent=True, vae=args.vae, offset=args.offset)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
-    denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
+    denoise = eps_denoiser(setup.prior.eps_model(), ac)
     if args.scheduler != "uniform" and not args.comfyui:
         raise SystemExit(f"--scheduler {args.scheduler} needs --comfyui PATH (ComfyUI's schedule functions)")
 
@@ -278,8 +268,7 @@ def main() -> int:
             ends = sigma_from_alpha_cumprod(ac[[0, len(ac) - 1]])
             make = ks.get_sigmas_karras if args.scheduler == "karras" else ks.get_sigmas_exponential
             return make(steps, float(ends[0]), float(ends[1])).float()    # ends with 0
-        t_idx = torch.linspace(len(ac) - 1, 0, steps).round().long()
-        return torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+        return timestep_sigmas(ac, steps)
 
     sigmas = schedule(args.steps)
     discard = DISCARD_PENULTIMATE | set(filter(None, args.discard_penultimate.split(",")))

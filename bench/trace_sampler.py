@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from host_defaults import comfy_samplers, denoiser_from_eps  # noqa: E402
-from dps import (DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas,  # noqa: E402
-                 sigma_from_alpha_cumprod)
+from host_defaults import comfy_samplers  # noqa: E402
+from dps.sampling import eps_denoiser  # noqa: E402
+from dps.schedule import timestep_sigmas  # noqa: E402
+from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas  # noqa: E402
 from dps.samplers import MAX_GAIN  # noqa: E402
 from dps.app import DemoSettings, load_setup, measure, psnr  # noqa: E402
 
@@ -41,9 +42,8 @@ def main() -> int:
     s = DemoSettings(images=args.images, latent=True, vae=args.vae, offset=0)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
-    denoise = denoiser_from_eps(setup.prior.eps_model(), ac)
-    t_idx = torch.linspace(len(ac) - 1, 0, args.steps).round().long()
-    sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+    denoise = eps_denoiser(setup.prior.eps_model(), ac)
+    sigmas = timestep_sigmas(ac, args.steps)
     x_T = torch.randn((args.images, *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
     op, y = measure(args.task, setup.truth, s)
     samplers = comfy_samplers(args.comfyui, args.samplers.split(","), args.max_gain)

@@ -25,7 +25,8 @@ from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
 from .proximal import ITERATIONS, LAMBDA, proximal_step
-from .schedule import Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace, vp_sigma
+from .schedule import (Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace,
+                       sigma_from_alpha_cumprod, vp_sigma)
 from .validate import check_callable, check_int, check_number, check_shape, check_tensor
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -182,6 +183,22 @@ class GuidedDenoiser:
         result = self.guidance.evaluate(x, lambda x_: self.denoiser(x_, s_in))
         self.last_distance = result.distance
         return guided_denoised(result, self.guidance, sigma, delta_sigma, x)
+
+
+def eps_denoiser(eps_model: EpsModel, alphas_cumprod: torch.Tensor) -> Denoiser:
+    """``D(x, σ)`` for ``x = x0 + σε`` from an ε-prediction model on the discrete VP process (k-diffusion's
+    ``DiscreteEpsDDPMDenoiser``, with t the training timestep nearest to σ): ``D = x − σ ε(√ᾱ_t x, t)``, since
+    ``x_t = √ᾱ_t x`` is the model's input at σ = √((1 − ᾱ_t)/ᾱ_t)."""
+    check_callable("eps_model", eps_model, "an ε-model eps_model(x, t)")
+    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True,
+                 fix="e.g. dps.alphas_cumprod_from_betas(dps.linear_betas())")
+    sigmas = sigma_from_alpha_cumprod(alphas_cumprod).float()
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = (sigmas[None].to(sigma.device) - sigma.float().view(-1, 1)).abs().argmin(dim=1)
+        ac = alphas_cumprod.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return x - sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * eps_model(x * ac.sqrt(), t)
+    return denoise
 
 
 def _sigma_progress(sigmas: torch.Tensor) -> Callable[[float], float]:

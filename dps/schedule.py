@@ -87,6 +87,16 @@ def vp_sigma(alpha_cumprod: float) -> float:
     return math.sqrt(max(1.0 - alpha_cumprod, 0.0) / alpha_cumprod)
 
 
+def timestep_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """σ levels of ``steps`` training timesteps evenly spaced from the last to the first (``linspace(T − 1, 0)``,
+    rounded; the hosts' "normal" schedule for a discrete VP model), as ``sigma_from_alpha_cumprod``, then 0."""
+    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True,
+                 fix="e.g. dps.alphas_cumprod_from_betas(dps.linear_betas())")
+    check_int("steps", steps, minimum=1, maximum=len(alphas_cumprod))
+    t = torch.linspace(len(alphas_cumprod) - 1, 0, steps).round().long()
+    return torch.cat([sigma_from_alpha_cumprod(alphas_cumprod[t].float()), torch.zeros(1)])
+
+
 def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022, eq. 5) noise levels, with a final 0 appended."""
     check_int("n", n, minimum=1)

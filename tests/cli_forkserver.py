@@ -28,7 +28,7 @@ import dps.app.restore
 import dps.app.train
 import torch  # noqa: F401
 
-PATCHED = {"sampling": [(dps.app.restore, "ddpm_sample"), (dps.app.demo, "ddpm_sample")],
+PATCHED = {"sampling": [(dps.app.restore, "draw"), (dps.app.demo, "draw")],
            "training": [(dps.app.train, "train")]}
 
 

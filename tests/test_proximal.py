@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dps import DPSGuidance, Gaussian, Poisson, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod
+from dps import DPSGuidance, Gaussian, Poisson, alphas_cumprod_from_betas, linear_betas
 from dps.proximal import noise_variance, proximal_step
-from dps.sampling import proximal_sample
+from dps.sampling import eps_denoiser, proximal_sample
+from dps.schedule import timestep_sigmas
 
 
 class Dense:
@@ -107,9 +108,8 @@ def test_thirty_proximal_steps_beat_the_hosts_euler_path_on_the_pixel_prior(monk
     s = DemoSettings(images=4, offset=0, latent=False)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
-    denoise = host_defaults.denoiser_from_eps(setup.prior.eps_model(), ac)
-    t_idx = torch.linspace(len(ac) - 1, 0, 30).round().long()
-    sigmas = torch.cat([sigma_from_alpha_cumprod(ac[t_idx]), torch.zeros(1)])
+    denoise = eps_denoiser(setup.prior.eps_model(), ac)
+    sigmas = timestep_sigmas(ac, 30)
     x_T = torch.randn((4, *setup.prior.shape), generator=torch.Generator().manual_seed(0)) * sigmas[0]
     for task in ("super_resolution", "gaussian_deblur"):
         op, y = measure(task, setup.truth, s)

@@ -419,3 +419,16 @@ def test_the_proximal_rule_guides_and_says_when_the_sampler_does_not_suit_it(web
     assert "LCM sampler" in info["DPS note"] and "Euler" in info["DPS note"]
     _, info = a1111_run(webui, host.Processing(sd_model, sampler_name="LCM"), args)
     assert "LCM sampler" not in info.get("DPS note", "")
+
+
+def test_forge_says_nothing_of_x0_only_for_the_proximal_rule(webui):
+    """Forge guides in x0_only and says so for the gradient rules; the rule proximal never differentiates the UNet,
+    so its infotext has no such note (seen in a live Forge: the note told an LCM user what did not concern them)."""
+    sd_model = host.ForgeSdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    plain, _ = host.forge_process_images(host.Processing(sd_model), [], [])
+    p = host.Processing(sd_model, sampler_name="LCM")
+    guided, info = host.forge_process_images(p, [webui.script()], args_for(image=upload, rule="proximal", zeta=1.0))
+    assert "DPS error" not in info and "rule: proximal" in info["DPS"], info
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y)
+    assert "DPS note" not in info, info

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..rules import RULES
+from .sampler import SAMPLERS
 
 
 def smoke(args: argparse.Namespace) -> int:
@@ -53,12 +54,13 @@ def demo(args: argparse.Namespace) -> int:
     """Restore held-out digits on every task; print a table (or one JSON object) and write a PNG grid."""
     from .demo import DemoSettings, grid, run
     from .imageio import write_png
-    from .tuned import DEFAULT_STEPS
+    from .tuned import DEFAULT_STEPS, PROXIMAL_STEPS
 
     check_demo_args(args)
-    steps = args.steps if args.steps is not None else DEFAULT_STEPS["latent" if args.latent else "pixel"]
+    default = PROXIMAL_STEPS if args.sampler == "proximal" else DEFAULT_STEPS["latent" if args.latent else "pixel"]
+    steps = args.steps if args.steps is not None else default
     settings = DemoSettings(images=args.images, steps=steps, seed=args.seed, latent=args.latent,
-                            vae=args.vae, model=args.model)
+                            vae=args.vae, model=args.model, sampler=args.sampler)
     # flushed line by line: a pipe or a CI log shows each task as it finishes
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     result = run(settings, log=log, show_progress=not args.json)
@@ -71,7 +73,8 @@ def demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"\nmean PSNR (dB) / SSIM over {result['images']} held-out digits, {result['steps']} steps, "
+        print(f"\nmean PSNR (dB) / SSIM over {result['images']} held-out digits, {result['steps']} steps "
+              f"({result['sampler']}), "
               f"{result['seconds']:.0f}s in all")
         print(f"{'task':18s} {'DPS':>13s} {'best baseline':>28s} {'unguided':>13s}")
         for task, r in result["tasks"].items():
@@ -107,6 +110,7 @@ def restore(args: argparse.Namespace) -> int:
 
     out = restore_file(RestoreRequest(task=args.task, input=args.input, output=args.output, mask=args.mask,
                                       factor=args.factor, steps=args.steps, zeta=args.zeta, rule=args.rule,
+                                      sampler=args.sampler,
                                       seed=args.seed, sigma=args.sigma, model=args.model, vae=args.vae,
                                       kernel_size=args.kernel_size, blur_sigma=args.blur_sigma,
                                       intensity=args.intensity, kernel_seed=args.kernel_seed,
@@ -128,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="restore held-out digits on every task with the embedded prior")
     p.add_argument("--images", type=int, default=16, help="held-out digits per task (max 50)")
-    p.add_argument("--steps", type=int, default=None, help="DDPM steps, respaced from 1000 (200 pixel, 100 latent)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the official DPS loop; proximal: few steps, the measurement fitted at each (README)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps, respaced from 1000 (ddpm: 200 pixel, 100 latent; proximal: 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent", action="store_true", help="use the SD1.x latent prior (needs --vae)")
     p.add_argument("--vae", help="TAESD decoder for SD1.x (taesd_decoder.safetensors)")
@@ -144,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="the measurement y as an image")
     p.add_argument("--output", required=True, type=Path, help="where to write the restoration (PNG)")
     p.add_argument("--sigma", type=float, default=0.05, help="noise σ of the measurement on [-1, 1]")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the official DPS loop; proximal: few steps, the measurement fitted at each (README)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 200 ddpm, 30 proximal)")
     p.add_argument("--zeta", type=float, default=None, help="step size (default: tuned per task)")
     p.add_argument("--rule", choices=RULES, default=None, help="step rule (default: tuned per task)")
     p.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import DPSGuidance, ddpm_sample
+from .. import DPSGuidance
 from ..noise import Gaussian
 from ..operators import Operator
 from ..validate import check_int
@@ -25,6 +25,7 @@ from .grid import Cell, labelled_grid
 from .metrics import psnr, ssim
 from .prior import Prior, load_prior
 from .runprogress import RunProgress
+from .sampler import draw
 from .tasks import TASKS, make_operator
 from .tuned import guidance_for
 
@@ -41,6 +42,7 @@ class DemoSettings:
     model: str | None = None
     offset: int = 0
     guidance: dict[str, tuple[str, float]] = field(default_factory=dict)
+    sampler: str = "ddpm"                    # dps.app.sampler.SAMPLERS
 
 
 @dataclass
@@ -81,10 +83,11 @@ def load_setup(s: DemoSettings) -> Setup:
 
 def sample(setup: Setup, s: DemoSettings, guidance: DPSGuidance | None,
            progress: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Sample from the prior (guided when ``guidance`` is given); ``progress`` is called after every step."""
+    """Sample from the prior with ``s.sampler`` (guided when ``guidance`` is given; the unguided sample is DDPM's);
+    ``progress`` is called after every step."""
     shape = (len(setup.truth), *setup.prior.shape)
-    z = ddpm_sample(setup.prior.eps_model(), shape, steps=s.steps, guidance=guidance, clip_x0=setup.decoder is None,
-                    generator=torch.Generator().manual_seed(s.seed + 1), callback=progress)
+    z = draw(setup.prior, shape, s.steps, guidance, s.sampler, seed=s.seed + 1, clip_x0=setup.decoder is None,
+             callback=progress)
     with torch.no_grad():
         return (setup.decoder(z) if setup.decoder is not None else z).clamp(-1, 1)
 
@@ -109,14 +112,14 @@ def run(s: DemoSettings, log: Callable[[str], None] = lambda m: None, show_progr
         bar.clear()
         say(message)
 
-    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} DDPM steps, Gaussian noise σ = {s.sigma}; "
+    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} steps ({s.sampler}), Gaussian noise σ = {s.sigma}; "
         f"{len(s.tasks)} tasks after one unguided run")
     bar.begin("unguided")
     unguided = sample(setup, s, None, bar)
     results, images = {}, {}
     for task in s.tasks:
         op, y = measure(task, setup.truth, s)
-        rule, zeta = s.guidance.get(task) or guidance_for(kind, task, s.steps)
+        rule, zeta = s.guidance.get(task) or guidance_for(kind, task, s.steps, s.sampler)
         guidance = DPSGuidance(op, Gaussian(s.sigma), y, zeta=zeta, rule=rule, decoder=setup.decoder)
         t0 = time.monotonic()
         bar.begin(task)
@@ -134,7 +137,8 @@ def run(s: DemoSettings, log: Callable[[str], None] = lambda m: None, show_progr
         r = results[task]
         log(f"{task:18s} PSNR  DPS {r['dps']:5.2f}  {best} {r['baseline']:5.2f}  unguided {r['unguided']:5.2f}  "
             f"[{r['seconds']:.0f}s]")
-    return {"tasks": results, "prior": kind, "images": len(setup.truth), "steps": s.steps, "sigma": s.sigma,
+    return {"tasks": results, "prior": kind, "images": len(setup.truth), "steps": s.steps, "sampler": s.sampler,
+            "sigma": s.sigma,
             "seconds": round(time.monotonic() - start, 1), "_images": images}
 
 

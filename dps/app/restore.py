@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import DPSGuidance, ddpm_sample
+from .. import DPSGuidance
 from ..noise import Gaussian
 from ..operators import Operator, registry
 from ..guidance import RULES
@@ -19,7 +19,8 @@ from .imageio import MAX_PIXELS, read_image, write_png
 from .models.taesd import load_taesd
 from .prior import Prior, load_prior
 from .tasks import image_size, measurement_size, operator_for, task_names
-from .tuned import MIN_STEPS, guidance_for
+from .sampler import SAMPLERS, draw
+from .tuned import MIN_STEPS, PROXIMAL_STEPS, guidance_for
 
 INPAINTING = tuple(t.name for s, t in registry.tasks() if any(p.kind == "mask" for p in s.params))
 
@@ -31,9 +32,10 @@ class RestoreRequest:
     output: Path
     mask: Path | None = None
     factor: int = 4
-    steps: int = 200
+    steps: int | None = None            # None: RESTORE_STEPS[sampler]
     zeta: float | None = None
     rule: str | None = None
+    sampler: str = "ddpm"               # dps.app.sampler.SAMPLERS
     seed: int = 0
     sigma: float = 0.05
     model: str | None = None
@@ -44,6 +46,9 @@ class RestoreRequest:
     kernel_seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # any operator parameter by its name; overrides the above
 
+
+# The steps a restore takes when none are asked for, per sampler.
+RESTORE_STEPS = {"ddpm": 200, "proximal": PROXIMAL_STEPS}
 
 # RestoreRequest's fields for operator parameters (the command line's options before the operator registry).
 REQUEST_FIELDS = {("super_resolution", "factor"): "factor", ("gaussian_blur", "kernel_size"): "kernel_size",
@@ -61,8 +66,11 @@ def check_request(req: RestoreRequest) -> None:
     check_choice("--task", req.task, task_names())
     check_output(req.output, "--output", {"--input": req.input, "--mask": req.mask, "--model": req.model,
                                           "--vae": req.vae})
-    check_int("--steps", req.steps, minimum=MIN_STEPS, maximum=1000,
-              fix="DPS takes many small guided steps: 200 is the tuned default, 50 a quick run")
+    check_choice("--sampler", req.sampler, SAMPLERS)
+    if req.steps is not None:
+        check_int("--steps", req.steps, minimum=MIN_STEPS, maximum=1000,
+                  fix=f"leave --steps out for the tuned default ({RESTORE_STEPS[req.sampler]} with --sampler "
+                      f"{req.sampler})")
     check_int("--seed", req.seed, minimum=0)
     check_int("--kernel-seed", req.kernel_seed, minimum=0)
     check_number("--sigma", req.sigma, minimum=0, fix="the measurement noise std on [-1, 1]; the paper uses 0.05")
@@ -70,6 +78,9 @@ def check_request(req: RestoreRequest) -> None:
         check_number("--zeta", req.zeta, minimum=0, fix="leave it out for the tuned value")
     if req.rule is not None:
         check_choice("--rule", req.rule, RULES)
+        if req.sampler == "proximal":
+            raise ValueError("--sampler proximal fits the measurement by its own data step, not a step rule; leave "
+                             "--rule out (--zeta still weighs the measurement), or use --sampler ddpm")
     if req.task == "super_resolution":
         check_int("--factor", req.factor, minimum=1, fix="the super-resolution factor, e.g. --factor 4")
     if req.kernel_size is not None:
@@ -204,12 +215,14 @@ def restore_file(req: RestoreRequest, log: Callable[[str], None] = print) -> Pat
     shape = (1, channels, h, w)
     op = _operator(req, shape)
     op.check_measurement(y, shape)
-    rule, zeta = guidance_for("latent" if latent else "pixel", req.task, req.steps)
+    steps = req.steps if req.steps is not None else RESTORE_STEPS[req.sampler]
+    rule, zeta = guidance_for("latent" if latent else "pixel", req.task, steps, req.sampler)
     guidance = DPSGuidance(op, Gaussian(req.sigma), y, zeta=req.zeta if req.zeta is not None else zeta,
                            rule=req.rule or rule, decoder=decoder)
-    log(f"restoring {req.input} ({req.task}) with the {'latent' if latent else 'pixel'} prior, {req.steps} steps")
-    z = ddpm_sample(prior.eps_model(), (1, *prior.shape), steps=req.steps, guidance=guidance, clip_x0=not latent,
-                    generator=torch.Generator().manual_seed(req.seed), show_progress=True)
+    log(f"restoring {req.input} ({req.task}) with the {'latent' if latent else 'pixel'} prior, {steps} steps "
+        f"({req.sampler})")
+    z = draw(prior, (1, *prior.shape), steps, guidance, req.sampler, seed=req.seed, clip_x0=not latent,
+             show_progress=True)
     with torch.no_grad():
         x = decoder(z) if decoder is not None else z
     write_png(req.output, x[0].clamp(-1, 1))

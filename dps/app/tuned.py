@@ -17,6 +17,11 @@ GUIDANCE = {
     "latent": {**{task: ("dps", 0.1, 100) for task in TASKS}, "super_resolution": ("dps", 0.3, 100)},
 }
 DEFAULT_STEPS = {"pixel": 200, "latent": 100}
+# The proximal sampler (``dps.app.sampler``): the rule "proximal" at ζ = 1 (λ = dps.proximal.LAMBDA, chosen on the
+# tuning digits 50-57 by `python bench/few_steps.py --offset 50 --official-steps 0 --steps 30 --samplers proximal
+# --lam 0.1,0.3,1,3`) on every task and prior, 30 steps (bench/README.md, *The proximal data step*).
+PROXIMAL = ("proximal", 1.0)
+PROXIMAL_STEPS = 30
 # The fewest DDPM steps demo and restore accept. Fewer give noise: the constant rule's ζ, rescaled by
 # reference_steps / steps, leaves the range it was tuned in (600 at 1 step). Restoring 4 held-out digits (σ = 0.05)
 # with the pixel prior, mean PSNR (dB) at 1/5/10/20/50 steps: super-resolution x4 7.6/11.9/13.5/18.5/18.3,
@@ -25,7 +30,9 @@ MIN_STEPS = 10
 TUNING_OFFSET = 50
 
 
-def guidance_for(kind: str, task: str, steps: int) -> tuple[str, float]:
-    """The default (rule, zeta) for ``steps`` sampling steps."""
+def guidance_for(kind: str, task: str, steps: int, sampler: str = "ddpm") -> tuple[str, float]:
+    """The default (rule, zeta) for ``steps`` sampling steps of ``sampler`` (``dps.app.sampler``)."""
+    if sampler == "proximal":
+        return PROXIMAL
     rule, zeta, reference = GUIDANCE[kind].get(task, ("dps", 1.0, steps))
     return rule, (zeta * reference / steps if get_rule(rule).scales_with_steps else zeta)

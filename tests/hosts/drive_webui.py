@@ -2,7 +2,7 @@
 ``extensions/``) through its HTTP API as a client would, and check the DPS extension end to end.
 
     python tests/hosts/drive_webui.py --url http://127.0.0.1:7860 --log WEBUI.log [--steps 4] [--size 64]
-        [--report report.json] [--only txt2img,img2img,paste,xyz,restore,invalid]
+        [--report report.json] [--only txt2img,img2img,paste,xyz,restore,invalid,proximal] [--sampler LCM]
 
 ``--log`` is the server's console output (the script prints ``[DPS Guidance] measurement distance a -> b`` there
 after each guided job); without it the residual-in-the-log checks are skipped. Checks (each asserted):
@@ -19,6 +19,8 @@ after each guided job); without it the residual-in-the-log checks are skipped. C
   Forge, the image is uploaded first (``/upload``) and passed as a ``FileData``, and the result fetched by URL).
 * invalid settings (an unknown task; ``upload`` with no image): a clear ``DPS error`` in the result, and the
   server keeps serving.
+* the step rule ``proximal``: its infotext entry, a falling distance, a better fit than the unguided image, and
+  the note about the sampler exactly when ``--sampler`` is not LCM.
 
 Needs numpy, PIL and this repository's ``dps`` (for the measurement residual); a venv with torch will do.
 """
@@ -245,6 +247,23 @@ class Driver:
         self.results["txt2img_dps_zeta0"]["max_diff_to_plain"] = int(diff)
         expect(diff <= 1, f"strength 0 changed the image (max difference {diff})")
 
+    def check_proximal(self) -> None:
+        """txt2img with the step rule ``proximal`` (the data step on x0_hat, made for LCM): the infotext names the
+        rule, the distance falls, the image fits the measurement better than the unguided one, and the note about
+        the sampler appears exactly when the sampler is not LCM (``dps.proximal.sampler_note``)."""
+        if "txt2img_plain" not in self.results:
+            self.generate("txt2img_plain", "txt2img", self.base(), guided=False)
+        args = {"enabled": True, "source": "upload", "image": self.low_b64, "rule": "proximal"}
+        self.generate("txt2img_dps_proximal", "txt2img", self.base(alwayson_scripts={TITLE: {"args": [args]}}), True)
+        result = self.results["txt2img_dps_proximal"]
+        expect(parse_infotext(result["dps"]).get("rule") == "proximal", f"rule not in the infotext: {result['dps']}")
+        expect(result.get("distance_falls", True), "proximal: the distance did not fall")
+        expect(result["residual"] < self.results["txt2img_plain"]["residual"],
+               "proximal: the guided image does not fit the measurement better than the unguided one")
+        noted = "made for the LCM sampler" in result["infotext"]
+        expect(noted == (self.sampler.upper() != "LCM"),
+               f"proximal with {self.sampler}: the sampler note {'appeared' if noted else 'is missing'}")
+
     def img2img_payload(self, **extra) -> dict:
         return self.base(init_images=[self.init_b64], denoising_strength=0.75, **extra)
 
@@ -384,7 +403,8 @@ class Driver:
 
 CHECKS: dict[str, Callable[[Driver], None]] = {
     "txt2img": Driver.check_txt2img, "img2img": Driver.check_img2img, "paste": Driver.check_paste,
-    "xyz": Driver.check_xyz, "restore": Driver.check_restore, "invalid": Driver.check_invalid}
+    "xyz": Driver.check_xyz, "restore": Driver.check_restore, "invalid": Driver.check_invalid,
+    "proximal": Driver.check_proximal}
 
 
 def main(argv: list[str] | None = None) -> int:
