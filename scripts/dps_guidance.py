@@ -14,6 +14,7 @@ import torch
 
 from dps.guidance import DPSGuidance
 from dps.recompute import BlockRecompute
+from dps.rules import get_rule
 from dps.operators import registry
 from dps.proximal import sampler_note
 from dps.vae_gradient import VAE_GRADIENTS
@@ -243,18 +244,20 @@ if scripts is not None:
         def _guidance(self, p, state: JobState, forge: bool) -> DPSGuidance:
             settings, job = state.settings, state.job
             mode = settings.mode
+            # a rule that never differentiates the UNet (proximal) loses nothing in x0_only: no note then
+            note = job.note if get_rule(settings.rule).differentiates else (lambda message: None)
             if forge and mode == "full":
                 mode = "x0_only"
-                job.note("x0_only: Forge samples under inference mode with inference-tensor weights; "
-                         "the full gradient through the UNet is not supported there")
+                note("x0_only: Forge samples under inference mode with inference-tensor weights; "
+                     "the full gradient through the UNet is not supported there")
             elif not forge and mode == "full" and _low_vram(p):
                 mode = "x0_only"
-                job.note("x0_only: --medvram/--lowvram moves the UNet off the GPU while the VAE decodes, "
-                         "which breaks a backward through both")
+                note("x0_only: --medvram/--lowvram moves the UNet off the GPU while the VAE decodes, "
+                     "which breaks a backward through both")
             elif not forge and mode == "full" and _unet_forward_replaced(p.sd_model):
                 mode = "x0_only"
-                job.note("x0_only: another extension (e.g. ControlNet) replaced the UNet's forward and runs it "
-                         "partly without gradients")
+                note("x0_only: another extension (e.g. ControlNet) replaced the UNet's forward and runs it "
+                     "partly without gradients")
             key = (p.height, p.width, forge, mode)
             if key not in state.guidance:
                 operator, y = self._measurement(p, settings, p.height, p.width)
