@@ -13,6 +13,8 @@ import torch
 from ..rules import RULES
 from .sampler import SAMPLERS
 
+SAMPLER_HELP = "ddpm: the official DPS loop; proximal: few steps, the measurement fitted at each (README)"
+
 
 def smoke(args: argparse.Namespace) -> int:
     """Run DPS on the Gaussian-mixture benchmark (exact posterior known) and print how close it gets."""
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="restore held-out digits on every task with the embedded prior")
     p.add_argument("--images", type=int, default=16, help="held-out digits per task (max 50)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: the official DPS loop; proximal: few steps, the measurement fitted at each (README)")
+                   help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps, respaced from 1000 (ddpm: 200 pixel, 100 latent; proximal: 30)")
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="where to write the restoration (PNG)")
     p.add_argument("--sigma", type=float, default=0.05, help="noise σ of the measurement on [-1, 1]")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: the official DPS loop; proximal: few steps, the measurement fitted at each (README)")
+                   help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 200 ddpm, 30 proximal)")
     p.add_argument("--zeta", type=float, default=None, help="step size (default: tuned per task)")
     p.add_argument("--rule", choices=RULES, default=None, help="step rule (default: tuned per task)")

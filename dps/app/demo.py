@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -112,8 +111,8 @@ def run(s: DemoSettings, log: Callable[[str], None] = lambda m: None, show_progr
         bar.clear()
         say(message)
 
-    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} steps ({s.sampler}), Gaussian noise σ = {s.sigma}; "
-        f"{len(s.tasks)} tasks after one unguided run")
+    log(f"{kind} prior, {len(setup.truth)} held-out digits, {s.steps} steps ({s.sampler}), Gaussian noise "
+        f"σ = {s.sigma}; {len(s.tasks)} tasks after one unguided run")
     bar.begin("unguided")
     unguided = sample(setup, s, None, bar)
     results, images = {}, {}
