@@ -215,3 +215,29 @@ def test_the_decoders_jacobian_product_by_central_differences_is_accurate():
     approx = _finite_jvp(decoder, z0, v, torch.float32)
     torch.testing.assert_close(approx, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
     assert torch.count_nonzero(approx[2]) == 0
+
+
+def test_eps_denoiser_recovers_x0_from_the_true_noise_and_timestep_sigmas_are_the_normal_levels():
+    """``eps_denoiser``: with an ε-model that returns the noise actually added, D(x0 + σε, σ) = x0 at every training
+    level (x_t = √ᾱ_t x is the model's input). ``timestep_sigmas``: the levels of evenly spaced timesteps from the
+    last, descending, then 0."""
+    from dps.sampling import eps_denoiser
+    from dps.schedule import timestep_sigmas
+
+    ac = alphas_cumprod_from_betas(linear_betas())
+    sigmas = timestep_sigmas(ac, 7)
+    assert sigmas.shape == (8,) and float(sigmas[-1]) == 0.0 and bool((sigmas[:-1] > sigmas[1:]).all())
+    torch.testing.assert_close(sigmas[0], ((1 - ac[-1]) / ac[-1]).sqrt().float())
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    level = sigmas[[0, 3, 6]]
+    seen = []
+
+    def true_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        a = ac[t].float().view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    x = x0 + level.view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(eps_denoiser(true_noise, ac.float())(x, level), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen[0], torch.linspace(999, 0, 7).round().long()[[0, 3, 6]])
