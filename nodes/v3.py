@@ -255,7 +255,8 @@ class DPSApply(io.ComfyNode):
                                        "the paper's Algorithm 1 (dps with half the strength). schedule: scaled with "
                                        "the noise level, gentle early, firm late. proximal: the prediction is made to "
                                        "fit the measurement at every step (no gradient through the model, less "
-                                       "memory); use it with the lcm sampler."),
+                                       "memory); use it with the lcm sampler and a fast_decoder (through the full "
+                                       "VAE it decodes about 15 times per step)."),
                 io.Combo.Input("gradient", options=list(MODES), default="full",
                                tooltip="full: through the UNet, as the paper (slower, more memory). x0_only: through "
                                        "the VAE only, about 2x faster, weaker early on."),
