@@ -25,8 +25,9 @@ from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
 from .proximal import ITERATIONS, LAMBDA, proximal_step
-from .schedule import (Respaced, alphas_cumprod_from_betas, check_betas, check_sigmas, linear_betas, respace,
-                       sigma_from_alpha_cumprod, vp_sigma)
+from .rules import per_sample
+from .schedule import (Respaced, alphas_cumprod_from_betas, check_alphas_cumprod, check_betas, check_sigmas,
+                       linear_betas, respace, sigma_from_alpha_cumprod, vp_sigma)
 from .validate import check_callable, check_int, check_number, check_shape, check_tensor
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,14 +191,13 @@ def eps_denoiser(eps_model: EpsModel, alphas_cumprod: torch.Tensor) -> Denoiser:
     ``DiscreteEpsDDPMDenoiser``, with t the training timestep nearest to σ): ``D = x − σ ε(√ᾱ_t x, t)``, since
     ``x_t = √ᾱ_t x`` is the model's input at σ = √((1 − ᾱ_t)/ᾱ_t)."""
     check_callable("eps_model", eps_model, "an ε-model eps_model(x, t)")
-    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True,
-                 fix="e.g. dps.alphas_cumprod_from_betas(dps.linear_betas())")
+    check_alphas_cumprod(alphas_cumprod)
     sigmas = sigma_from_alpha_cumprod(alphas_cumprod).float()
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = (sigmas[None].to(sigma.device) - sigma.float().view(-1, 1)).abs().argmin(dim=1)
-        ac = alphas_cumprod.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return x - sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * eps_model(x * ac.sqrt(), t)
+        ac = per_sample(alphas_cumprod.to(x.device)[t].to(x.dtype), x)
+        return x - per_sample(sigma.to(x.dtype), x) * eps_model(x * ac.sqrt(), t)
     return denoise
 
 

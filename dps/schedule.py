@@ -39,7 +39,7 @@ class Respaced:
 
 def respace(alphas_cumprod: torch.Tensor, steps: int) -> Respaced:
     """Keep ``steps`` evenly spaced timesteps of a trained schedule, always including the last."""
-    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
+    check_alphas_cumprod(alphas_cumprod)
     check_int("steps", steps)
     total = alphas_cumprod.shape[0]
     if not 1 <= steps <= total:
@@ -48,6 +48,14 @@ def respace(alphas_cumprod: torch.Tensor, steps: int) -> Respaced:
     ac = alphas_cumprod[timesteps]
     prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
     return Respaced(timesteps=timesteps, alphas_cumprod=ac, betas=1 - ac / prev)
+
+
+def check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``alphas_cumprod`` if it is a 1-D finite floating tensor (a trained schedule's ᾱ_t); ValueError/TypeError
+    otherwise."""
+    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True,
+                 fix="e.g. dps.alphas_cumprod_from_betas(dps.linear_betas())")
+    return alphas_cumprod
 
 
 def check_betas(betas: torch.Tensor) -> torch.Tensor:
@@ -90,8 +98,7 @@ def vp_sigma(alpha_cumprod: float) -> float:
 def timestep_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     """σ levels of ``steps`` training timesteps evenly spaced from the last to the first (``linspace(T − 1, 0)``,
     rounded; the hosts' "normal" schedule for a discrete VP model), as ``sigma_from_alpha_cumprod``, then 0."""
-    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True,
-                 fix="e.g. dps.alphas_cumprod_from_betas(dps.linear_betas())")
+    check_alphas_cumprod(alphas_cumprod)
     check_int("steps", steps, minimum=1, maximum=len(alphas_cumprod))
     t = torch.linspace(len(alphas_cumprod) - 1, 0, steps).round().long()
     return torch.cat([sigma_from_alpha_cumprod(alphas_cumprod[t].float()), torch.zeros(1)])
