@@ -31,7 +31,7 @@ from dps.app.tuned import guidance_for  # noqa: E402
 from dps.sampling import ddpm_sample  # noqa: E402
 from host_defaults import euler, euler_ancestral  # noqa: E402
 from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
-from dps.proximal import ITERATIONS, LAMBDA  # noqa: E402
+from dps.proximal import ITERATIONS, LAMBDA, PULL  # noqa: E402
 from dps.sampling import eps_denoiser, proximal_sample  # noqa: E402
 from dps.schedule import timestep_sigmas  # noqa: E402
 
@@ -82,13 +82,14 @@ def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: f
 
 def host_run(name: str, setting: str, args: argparse.Namespace, denoise, x_T: torch.Tensor, sigmas: torch.Tensor,
              op, y: torch.Tensor, noise: Gaussian) -> tuple[str, torch.Tensor]:
-    """One host-path run: ``proximal`` (``dps.proximal``'s sampler, ``setting`` its λ) or a host sampler guided by
+    """One host-path run: ``proximal`` (``dps.proximal``'s sampler, ``setting`` its λ:κ) or a host sampler guided by
     ``setting`` = rule:ζ. Returns the setting's label and the clamped sample."""
     if name == "proximal":
-        g = DPSGuidance(op, noise, y, start=args.start)
-        x = proximal_sample(denoise, x_T, sigmas, g, lam=float(setting), iterations=args.cg_iterations,
+        lam, pull = (float(v) for v in setting.split(":"))
+        g = DPSGuidance(op, noise, y, mode=args.mode, start=args.start)
+        x = proximal_sample(denoise, x_T, sigmas, g, lam=lam, iterations=args.cg_iterations, pull=pull,
                             generator=torch.Generator().manual_seed(1))
-        return f"lambda:{setting} cg:{args.cg_iterations}", x.clamp(-1, 1)
+        return f"lambda:{lam:g} cg:{args.cg_iterations} pull:{pull:g}", x.clamp(-1, 1)
     rule, zeta = setting.split(":")
     g = DPSGuidance(op, noise, y, zeta=float(zeta), rule=rule, mode=args.mode, start=args.start, on_nonfinite="skip")
     x = HOST_SAMPLERS[name](denoise, x_T, sigmas, g, final_iterations=args.final_iterations,
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default="euler,euler_ancestral",
                    help="euler, euler_ancestral (the hosts' path, --settings), proximal (dps.proximal, --lam)")
     p.add_argument("--lam", default=str(LAMBDA), help="the proximal sampler's λ values (comma-separated)")
+    p.add_argument("--pull", default=str(PULL),
+                   help="the proximal sampler's share κ of the move through the denoiser, dps.proximal (2) "
+                        "(comma-separated; 0: none; mode x0_only: none)")
     p.add_argument("--cg-iterations", type=int, default=ITERATIONS,
                    help="the proximal sampler's conjugate-gradient iterations per step")
     p.add_argument("--final-iterations", type=int, default=FINAL_ITERATIONS,
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             x_T = torch.randn((len(setup.truth), *setup.prior.shape),
                               generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for name in args.samplers.split(","):
-                for setting in (args.lam.split(",") if name == "proximal" else args.settings.split(",")):
+                proximal = [f"{lam}:{pull}" for lam in args.lam.split(",") for pull in args.pull.split(",")]
+                for setting in (proximal if name == "proximal" else args.settings.split(",")):
                     t0 = time.monotonic()
                     setting, x = host_run(name, setting, args, denoise, x_T.clone(), sigmas, op, y, noise)
                     key = f"{name} {steps} {setting}"

@@ -16,7 +16,8 @@ Configurations (``--configs``): ``unguided``; ``taesd`` (the fast decoder for th
 (the checkpoint's VAE, ``vae_gradient`` auto); ``vae_checkpointed``, ``vae_tiled``; each guided one with the
 node's default gradient ``full`` (through the UNet) or, with the suffix ``:x0_only``, through the decoder only.
 ``--rule`` and ``--sampler`` set the node's step rule and the KSampler's sampler (``--rule proximal --sampler lcm``:
-the data step on x0_hat, ``dps.proximal``, which differentiates the decoder and the operator only).
+the data step on x0_hat, ``dps.proximal``, which differentiates the decoder and the operator, and with gradient
+``full`` the UNet once for its move (2)).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/real_step.py --size 512 --json > out.json
     python bench/real_step.py --show out.json
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gib", type=float, default=0,
                         help="the memory the gradient may use (the node's memory_budget; 0: half the free memory), "
                              "e.g. what a smaller card has left after the weights")
-    parser.add_argument("--rule", default="polyak", help="the node's step_rule (proximal: the data step, no UNet gradient)")
+    parser.add_argument("--rule", default="polyak", help="the node's step_rule (proximal: the data step; through the UNet only with gradient full)")
     parser.add_argument("--sampler", default="euler", help="the KSampler's sampler (lcm: the one the rule proximal suits)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)

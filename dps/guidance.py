@@ -29,9 +29,10 @@ Step rules (``RULES``; one class each in ``dps.rules``, which owns every form of
   ``bench/host_defaults.py``; DDPM at 200 steps on the pixel prior: ζ = 10 best on all six demo tasks,
   ``bench/tune_demo.py``), but the two families' ζ differ tenfold.
 
-* ``"proximal"``: no gradient step; the prediction is replaced by the solution of a small data-consistency
+* ``"proximal"``: no gradient step of x_t; the prediction is replaced by the solution of a small data-consistency
   problem around it (``dps.proximal``: DiffPIR's data subproblem with the DPS residual and noise floor, solved by
-  Gauss-Newton conjugate gradients), for samplers that re-noise the prediction with fresh noise every step.
+  Gauss-Newton conjugate gradients), in mode "full" after moving it by the gradient of ½d² through the denoiser
+  (``dps.proximal``, (2)); for samplers that re-noise the prediction with fresh noise every step.
 
 Gradient modes (``MODES``): ``"full"`` backpropagates through the denoiser (and decoder); ``"x0_only"``
 differentiates with respect to ``x0_hat`` alone (MPGD, He et al. 2024), several times cheaper, and
@@ -78,12 +79,14 @@ class GuidanceResult:
     """One evaluation of the data term: ``x0_hat`` (detached), per-sample ``distance`` (B,), and ``grad``,
     the gradient of the rule's objective w.r.t. ``x_t`` (mode "full") or ``x0_hat`` (mode "x0_only"),
     already multiplied by the rule's per-sample factor (``1/d`` for "dps_paper"), so that every rule's
-    step is ``−size · grad``."""
+    step is ``−size · grad``. For a rule that replaces the prediction (``"proximal"``) in mode "full", ``grad`` is
+    ``∇_{x_t} ½d²`` and ``x0_grad`` its x0-space part ``∇_{x0_hat} ½d²`` (``dps.proximal``, (2)); else None."""
 
     x0_hat: torch.Tensor
     distance: torch.Tensor
     grad: torch.Tensor
     skipped: bool = False
+    x0_grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -199,7 +202,7 @@ class DPSGuidance:
         return self._evaluate(x_t, x0_fn)
 
     def _evaluate(self, x_t: torch.Tensor, x0_fn: Callable[[torch.Tensor], torch.Tensor]) -> GuidanceResult:
-        if not self.step_rule.differentiates:       # a rule that replaces the prediction (``"proximal"``)
+        if not self.step_rule.differentiates and self.mode == "x0_only":   # "proximal" alone: no gradient at all
             with torch.no_grad():
                 x0_hat = x0_fn(x_t).detach()
                 distance = self.distance(x0_hat).detach()
@@ -217,6 +220,11 @@ class DPSGuidance:
                     x0_hat = x0_fn(x)
                 x0_hat = autograd_safe(x0_hat).detach().requires_grad_(True)
                 leaf = x0_hat
+            if not self.step_rule.differentiates:       # "proximal", mode full: ½d² through x0_hat, then x_t
+                distance, x0_grad = self._x0_gradient(x0_hat, self.step_rule.objective)
+                (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=x0_grad.to(x0_hat.dtype))
+                result = GuidanceResult(x0_hat.detach(), distance.detach(), grad.detach(), x0_grad=x0_grad.detach())
+                return self._checked(result, x_t)
             if self.decoder_gradient is None:
                 distance = self.distance(x0_hat)
                 (grad,) = torch.autograd.grad(self.step_rule.objective(distance).sum(), leaf)
@@ -250,16 +258,26 @@ class DPSGuidance:
 
     def _split_gradient(self, x0_hat: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance and gradient through ``decoder_gradient`` (see its field's description)."""
-
-        def objective(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            distance = self.image_distance(image)
-            return distance, self.step_rule.objective(distance).sum()
-
-        distance, g_latent = self.decoder_gradient.gradient(x0_hat.detach(), objective)
+        distance, g_latent = self._x0_gradient(x0_hat, self.step_rule.objective)
         if leaf is x0_hat:
             return distance, g_latent
         (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=g_latent.to(x0_hat.dtype))
         return distance, grad
+
+    def _x0_gradient(self, x0_hat: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-sample distance and the gradient of ``objective(distance).sum()`` with respect to ``x0_hat``
+        alone (its graph to x_t is not used), through ``decoder_gradient`` when there is one."""
+        if self.decoder_gradient is not None:
+            def image_objective(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                distance = self.image_distance(image)
+                return distance, objective(distance).sum()
+
+            return self.decoder_gradient.gradient(x0_hat.detach(), image_objective)
+        z = x0_hat.detach().requires_grad_(True)
+        distance = self.distance(z)
+        (grad,) = torch.autograd.grad(objective(distance).sum(), z)
+        return distance.detach(), grad
 
     def distance(self, x0_hat: torch.Tensor) -> torch.Tensor:
         """Per-sample ``d = ‖residual(y, A(D(x0_hat)))‖`` (differentiable), computed in float32 at least."""

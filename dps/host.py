@@ -114,7 +114,7 @@ def guided_correction(result: GuidanceResult, guidance: DPSGuidance, sigma: floa
     it causes in one Euler step, ``(Δσ/σ)·c``, is checked for divergence. A rule that replaces the prediction
     (``"proximal"``, ``StepRule.prediction``) gives ``c = x0' − x0_hat`` at the level σ/α of x/α = x0 + (σ/α)ε,
     without the trust region (its step is a bounded least-squares solve)."""
-    replaced = guidance.step_rule.prediction(guidance, result, sigma / alpha)   # x = α(x0 + (σ/α)ε)
+    replaced = guidance.step_rule.prediction(guidance, result, sigma / alpha, alpha)   # x = α(x0 + (σ/α)ε)
     if replaced is not None:
         return guidance.check_step(replaced - result.x0_hat, x).to(result.x0_hat.dtype)
     limit = step_limit(x, result.x0_hat, sigma, delta_sigma, share=move_share)
@@ -213,7 +213,7 @@ def eps_correction(guidance: DPSGuidance, result: GuidanceResult, x: torch.Tenso
     ``Δσ·δ = (Δσ/σ)·step/√ᾱ`` of one deterministic step is bounded as a σ-space sampler's. A rule that replaces the
     prediction (``"proximal"``) gives the δ with which the sampler's x0 = (x_t − √(1−ᾱ)ε')/√ᾱ is x0'."""
     sigma = vp_sigma(alpha_cumprod)
-    replaced = guidance.step_rule.prediction(guidance, result, sigma)
+    replaced = guidance.step_rule.prediction(guidance, result, sigma, math.sqrt(alpha_cumprod))  # x/√ᾱ = x0 + σε
     if replaced is not None:    # ε' = (x_t − √ᾱ x0')/√(1−ᾱ): the sampler's prediction becomes x0'
         step = guidance.check_step(replaced - result.x0_hat, x)
         return -math.sqrt(alpha_cumprod / (1.0 - alpha_cumprod)) * step

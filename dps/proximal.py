@@ -19,10 +19,24 @@ dominates and x0' fits ``y``; late (σ → 0) the proximity term keeps x0' at th
 here on one Gauss-Newton linearisation of ``r`` at x0_hat, ``(J_rᵀJ_r + ρI) δ = −J_rᵀ r(x0_hat)``,
 ``x0' = x0_hat + δ``, with ``J_r = ∂r/∂x`` (``−∂(A∘D)/∂x`` for Gaussian noise) applied by central differences and
 its transpose by reverse-mode differentiation: exact (to rounding) for a linear ``A`` without a decoder, one
-Gauss-Newton step through a nonlinear decoder. No gradient passes through
-the denoiser, so a step costs one denoiser evaluation and, per iteration, two decodes and one reverse-mode
-pass of the decoder (the reverse one through a host's memory-bounded ``decoder_gradient`` when it has one); the
-denoiser's activations are never kept.
+Gauss-Newton step through a nonlinear decoder. No gradient passes through the denoiser in (1), so its step costs
+one denoiser evaluation and, per iteration, two decodes and one reverse-mode pass of the decoder (the reverse one
+through a host's memory-bounded ``decoder_gradient`` when it has one).
+
+Through the denoiser (mode "full"). (1) moves x0_hat only where the measurement sees it: for x4
+super-resolution, by the upsampled low-resolution residual, which the prior's next evaluation has to turn into
+detail. DPS's own step instead goes through the denoiser's Jacobian ``J = ∂x0_hat/∂x`` (x = x0 + σε), which keeps
+a correction along the images the prior can produce. Before (1), x0_hat is moved by (1)'s first conjugate-gradient
+iterate ``δ₁ = −α g`` carried back through that Jacobian:
+
+    x0_hat ← x0_hat + κ Jᵀδ₁ = x0_hat − κ α ∇_x ½‖r(x0_hat(x))‖²,    α = ‖g‖² / (‖J_r g‖² + ρ‖g‖²)          (2)
+
+with ``g = J_rᵀ r`` the gradient of ½‖r‖² at x0_hat (``−α g`` minimises (1)'s Gauss-Newton model along −g) and
+κ = ``PULL``. So the move is DPS's gradient step through the denoiser (Chung et al. 2023, the gradient of the
+squared residual), its length set by the data subproblem instead of a tuned ζ; then (1) is solved from the moved
+prediction. The combination is this project's, measured on the pixel prior and the latent rehearsal
+(``bench/README.md``, *The pull through the denoiser*); it costs one backward pass through the denoiser and
+three decodes per step.
 
 ``dps.sampling.proximal_sample`` re-noises x0' to the next level with fresh noise, ``x_{i+1} = x0' + σ_{i+1} z``
 (DiffPIR with its ζ = 1; ComfyUI's and the WebUI's LCM sampler take the same step from a denoised prediction).
@@ -36,13 +50,15 @@ from typing import Callable
 import torch
 
 from .autograd_safe import autograd_safe
-from .guidance import DPSGuidance
+from .guidance import DPSGuidance, GuidanceResult
 from .rules import per_sample
 from .validate import check_int, check_number
 
 # λ of (1) and the conjugate-gradient iterations per step; chosen on the tuning digits 50-57 (bench/README.md).
 LAMBDA = 0.3
 ITERATIONS = 5
+# The share of (2)'s move, chosen on the same tuning digits (bench/README.md, *The pull through the denoiser*).
+PULL = 2.0
 
 
 # The hosts' samplers whose step re-noises the prediction with fresh noise alone, x_{i+1} = x0' + σ_{i+1} z: the rule
@@ -52,13 +68,14 @@ RENOISING_SAMPLERS = frozenset({"lcm"})
 
 def sampler_note(rule: str, sampler: str) -> str | None:
     """What to tell a user who guides the host sampler named ``sampler`` with the step rule ``rule``, or None when
-    they suit each other. Measured on the latent rehearsal (``bench/results/host_defaults_proximal_rule_30.json``)."""
+    they suit each other. Measured on the latent rehearsal (``bench/results/host_defaults_proximal_pull_30.json``,
+    ``..._proximal_pull_deterministic_30.json``)."""
     name = sampler.lower().removeprefix("sample_").replace(" ", "_")
     if rule != "proximal" or name in RENOISING_SAMPLERS:
         return None
     return (f"the step rule 'proximal' is made for the LCM sampler, which re-noises its prediction with fresh noise "
             f"at every step; {sampler} re-uses its noise estimate, which carries the correction back out (box "
-            "inpainting at 30 steps on the latent rehearsal: 14.5 dB with euler against 18.9 with lcm). Pick the "
+            "inpainting at 30 steps on the latent rehearsal: 15.6 dB with euler against 19.2 with lcm). Pick the "
             "LCM sampler, or the step rule polyak")
 
 
@@ -97,6 +114,14 @@ def _reverse(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     leaf = x.detach().requires_grad_(True)
     out = fn(leaf)
     return out.detach(), lambda u: torch.autograd.grad(out, leaf, u.to(out.dtype), retain_graph=True)[0].float()
+
+
+def _decode(guidance: DPSGuidance) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The guidance's decoder D as a function: ``decoder_gradient``'s decode (hosts), the plain decoder, or the
+    identity for pixel models."""
+    if guidance.decoder_gradient is not None:
+        return guidance.decoder_gradient.decode
+    return guidance.decoder if guidance.decoder is not None else (lambda z: z)
 
 
 def _decoder(guidance: DPSGuidance, z0: torch.Tensor
@@ -150,3 +175,39 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
     finite = torch.isfinite(delta.flatten(1)).all(1) & torch.isfinite(r0.detach().flatten(1)).all(1)
     out = torch.where(per_sample(finite, z0), z0 + torch.nan_to_num(delta), z0)
     return out.to(x0_hat.dtype)
+
+
+def first_iterate_length(guidance: DPSGuidance, x0_hat: torch.Tensor, g: torch.Tensor, sigma: float,
+                         lam: float = LAMBDA) -> torch.Tensor:
+    """Per sample, the α with which ``−α g`` is the first conjugate-gradient iterate of (1)'s Gauss-Newton system
+    at ``x0_hat`` for the gradient ``g = J_rᵀ r`` of ½‖r‖² there: ``α = ‖g‖² / (‖J_r g‖² + ρ‖g‖²)``, the exact
+    minimiser of the quadratic model along −g (0 where g = 0). Three decodes (one for the decoder's dtype, two for
+    ``J_r g`` by central differences); no graph."""
+    check_number("sigma", sigma, above=0)
+    rho = lam * noise_variance(guidance) / sigma**2
+    decode = _decode(guidance)
+    with torch.no_grad():
+        z0 = x0_hat.detach().float()
+        dtype = decode(z0).dtype
+        jg = _finite_jvp(lambda z: guidance.image_residual(decode(z)), z0, g.float(), dtype)
+    gg = _dot(g, g)
+    curvature = _dot(jg, jg) + rho * gg
+    return torch.where(curvature > 0, gg / curvature.clamp_min(1e-300), torch.zeros_like(gg))
+
+
+def proximal_prediction(guidance: DPSGuidance, result: GuidanceResult, sigma: float, scale: float = 1.0,
+                        lam: float = LAMBDA, iterations: int = ITERATIONS, pull: float = PULL) -> torch.Tensor:
+    """x0' of (1) for the evaluation ``result`` at the level ``sigma`` of ``x/scale = x0 + σε`` (``scale``: 1 in
+    σ-space, α for flow models, √ᾱ for a VP x_t), from x0_hat moved first by (2) when ``result`` carries the
+    gradients through the denoiser (mode "full": ``result.x0_grad`` = g = ∇_{x0_hat} ½‖r‖², ``result.grad`` =
+    ∇_{x_t} ½‖r‖² = J_{x_t}ᵀ g), ``x0_hat − pull · α · scale · J_{x_t}ᵀ g`` with α of
+    ``first_iterate_length``; the denoiser's Jacobian with respect to ``x/scale`` is ``scale·J_{x_t}``. Without
+    them (mode "x0_only"), ``proximal_step`` of x0_hat itself. A sample whose move is not finite is not moved."""
+    check_number("pull", pull, minimum=0, fix="the share of (2)'s move; 2 is the measured default, 0 turns it off")
+    x0_hat = result.x0_hat
+    if result.x0_grad is not None and pull > 0:
+        alpha = first_iterate_length(guidance, x0_hat, result.x0_grad, sigma, lam)
+        move = per_sample(pull * scale * alpha, result.grad).to(result.grad.dtype) * result.grad
+        finite = torch.isfinite(move.flatten(1)).all(1)
+        x0_hat = torch.where(per_sample(finite, x0_hat), x0_hat - torch.nan_to_num(move).to(x0_hat), x0_hat)
+    return proximal_step(guidance, x0_hat, sigma, lam, iterations)

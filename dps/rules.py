@@ -67,9 +67,11 @@ class StepRule:
     scales_with_steps: ClassVar[bool] = False
     differentiates: ClassVar[bool] = True
 
-    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float) -> torch.Tensor | None:
+    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float,
+                   scale: float = 1.0) -> torch.Tensor | None:
         """The guided prediction itself, for a rule that replaces x0_hat outright rather than stepping along a
-        gradient (``sigma``: the level of ``x = x0 + σε``); ``None`` for the gradient rules."""
+        gradient (``sigma``: the level of ``x/scale = x0 + σε``, ``scale`` the sampler's signal scale: 1 in
+        σ-space, α for flow models, √ᾱ for a VP ``x_t``); ``None`` for the gradient rules."""
         return None
 
     def objective(self, distance: torch.Tensor) -> torch.Tensor:
@@ -214,16 +216,23 @@ class Proximal(StepRule):
     """The data-consistency step on x0_hat (``dps.proximal``, DiffPIR's data subproblem solved by Gauss-Newton
     conjugate gradients): the prediction becomes ``x0' = argmin ½‖r(x)‖² + ½ρ‖x − x0_hat‖²`` with
     ``ρ = (λ/ζ) s²/σ²``, λ = ``dps.proximal.LAMBDA``, so ζ = 1 is the measured default and a larger ζ weighs the
-    measurement more. No gradient through the denoiser. Made for samplers that re-noise the prediction with fresh
-    noise at every step (``lcm``, and ``dps.sampling.proximal_sample``): a deterministic sampler re-uses the noise
-    estimate ``(x − x0')/σ``, which then carries the correction back (measured in bench/README.md)."""
+    measurement more. Made for samplers that re-noise the prediction with fresh noise at every step (``lcm``, and
+    ``dps.sampling.proximal_sample``): a deterministic sampler re-uses the noise estimate ``(x − x0')/σ``, which
+    then carries the correction back (measured in bench/README.md). In mode "full" x0_hat is first moved by the
+    data step's first iterate carried back through the denoiser's Jacobian (``dps.proximal``, (2): one backward
+    pass through the model, as the gradient rules take); in mode "x0_only" the model is not differentiated."""
 
     name = "proximal"
-    differentiates = False
+    differentiates = False      # no gradient step of x_t: the prediction is replaced
 
-    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float) -> torch.Tensor | None:
-        from .proximal import LAMBDA, proximal_step    # dps.proximal imports the guidance, which imports this
-        return proximal_step(guidance, result.x0_hat, sigma, lam=LAMBDA / guidance.zeta)
+    def prediction(self, guidance: "DPSGuidance", result: "GuidanceResult", sigma: float,
+                   scale: float = 1.0) -> torch.Tensor | None:
+        from .proximal import LAMBDA, proximal_prediction  # dps.proximal imports the guidance, which imports this
+        return proximal_prediction(guidance, result, sigma, scale, lam=LAMBDA / guidance.zeta)
+
+    def objective(self, distance: torch.Tensor) -> torch.Tensor:
+        """``½d² = ½‖r‖²``, the data term of ``dps.proximal``'s (1)."""
+        return 0.5 * distance.square()
 
 
 RULES: tuple[str, ...] = tuple(REGISTRY)

@@ -16,6 +16,7 @@ Every sampler takes ``callback(info: dict)``, called once per step with the step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
-from .proximal import ITERATIONS, LAMBDA, proximal_step
+from .proximal import ITERATIONS, LAMBDA, PULL, proximal_prediction
 from .rules import per_sample
 from .schedule import (Respaced, alphas_cumprod_from_betas, check_alphas_cumprod, check_betas, check_sigmas,
                        linear_betas, respace, sigma_from_alpha_cumprod, vp_sigma)
@@ -57,7 +58,7 @@ def _x0_and_guidance(eps_model: EpsModel, x: torch.Tensor, t: int, ac: float, cl
         with torch.no_grad():
             return x0_fn(x), None
     result = guidance.evaluate(x, x0_fn)
-    replaced = guidance.step_rule.prediction(guidance, result, vp_sigma(ac))
+    replaced = guidance.step_rule.prediction(guidance, result, vp_sigma(ac), math.sqrt(ac))   # x/√ᾱ = x0 + σε
     if replaced is not None:     # the rule replaces x0_hat (``"proximal"``): the step is taken from x0', no gradient
         return replaced, None
     return result.x0_hat, result
@@ -257,27 +258,35 @@ def _sigma_loop(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guida
 
 def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, guidance: DPSGuidance,
                     lam: float = LAMBDA, iterations: int = ITERATIONS, generator: torch.Generator | None = None,
-                    show_progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
+                    show_progress: bool = False, callback: Callback | None = None, pull: float = PULL) -> torch.Tensor:
     """Sample with the proximal data step (``dps.proximal``; DiffPIR's sampler with its ζ = 1): at each level
-    ``σ_i`` of ``sigmas`` (descending, ending at 0), ``x0_hat = D(x, σ_i)``, ``x0' = proximal_step(x0_hat)`` (while
-    ``guidance.active``), then ``x ← x0' + σ_{i+1} z`` with fresh noise ``z`` (the last step returns x0'). ``x``
-    starts at ``sigmas[0]``'s noise scale, ``D(x, σ)`` is a denoiser with ``x = x0 + σε`` (k-diffusion's
-    convention). ``callback`` gets the step index, σ, the new x, x0' and the per-sample distance of x0'."""
+    ``σ_i`` of ``sigmas`` (descending, ending at 0), ``x0_hat = D(x, σ_i)`` and, while ``guidance.active``,
+    x0' from ``dps.proximal.proximal_prediction`` (in the guidance's mode "full" x0_hat first moved by (2)
+    through the denoiser, ``pull`` its share; then the data step (1)), then ``x ← x0' + σ_{i+1} z`` with fresh
+    noise ``z`` (the last step returns x0'). ``x`` starts at ``sigmas[0]``'s noise scale, ``D(x, σ)`` is a denoiser
+    with ``x = x0 + σε`` (k-diffusion's convention). The guidance's rule and ζ are not used (``lam`` is λ), its
+    mode is. ``callback`` gets the step index, σ, the new x, x0' and the per-sample distance of x0'."""
     _check_sigma_args(denoiser, x, sigmas, guidance, callback)
     if guidance is None:
         raise TypeError("guidance must be a dps.DPSGuidance: the proximal sampler's step is the data step")
     check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
     check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
+    check_number("pull", pull, minimum=0, fix="the share of (2)'s move; 2 is the measured default, 0 turns it off")
     if float(sigmas[-1]) != 0:
         raise ValueError("sigmas must end at 0 (the last step returns the data-consistent prediction)")
     progress = _sigma_progress(sigmas)
+    if guidance.rule != "proximal":      # its rule and ζ are not used (``lam`` is λ); its mode is
+        guidance = dataclasses.replace(guidance, rule="proximal")
     n = len(sigmas) - 1
     for i in progress_bar(range(n), total=n, enabled=show_progress, desc="sampling"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        with torch.no_grad():
-            x0 = denoiser(x, x.new_full((x.shape[0],), sigma))
+        level = x.new_full((x.shape[0],), sigma)
         if guidance.active(progress(sigma)):
-            x0 = proximal_step(guidance, x0, sigma, lam, iterations)
+            result = guidance.evaluate(x, lambda x_: denoiser(x_, level))
+            x0 = proximal_prediction(guidance, result, sigma, lam=lam, iterations=iterations, pull=pull)
+        else:
+            with torch.no_grad():
+                x0 = denoiser(x, level)
         if sigma_next > 0:
             device = generator.device if generator is not None else x.device
             x = x0 + sigma_next * torch.randn(x.shape, generator=generator, device=device).to(x)

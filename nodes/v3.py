@@ -254,9 +254,10 @@ class DPSApply(io.ComfyNode):
                                        "code, a fixed step per sampler step (needs a strength per task). dps_paper: "
                                        "the paper's Algorithm 1 (dps with half the strength). schedule: scaled with "
                                        "the noise level, gentle early, firm late. proximal: the prediction is made to "
-                                       "fit the measurement at every step (no gradient through the model, less "
-                                       "memory); use it with the lcm sampler and a fast_decoder (through the full "
-                                       "VAE it decodes about 15 times per step)."),
+                                       "fit the measurement at every step, after one step through the model with "
+                                       "gradient full (with x0_only no gradient through the model: less memory, a "
+                                       "little weaker); use it with the lcm sampler and a fast_decoder (through the "
+                                       "full VAE it decodes about 20 times per step)."),
                 io.Combo.Input("gradient", options=list(MODES), default="full",
                                tooltip="full: through the UNet, as the paper (slower, more memory). x0_only: through "
                                        "the VAE only, about 2x faster, weaker early on."),

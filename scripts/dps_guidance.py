@@ -14,7 +14,6 @@ import torch
 
 from dps.guidance import DPSGuidance
 from dps.recompute import BlockRecompute
-from dps.rules import get_rule
 from dps.operators import registry
 from dps.proximal import sampler_note
 from dps.vae_gradient import VAE_GRADIENTS
@@ -243,9 +242,7 @@ if scripts is not None:
 
         def _guidance(self, p, state: JobState, forge: bool) -> DPSGuidance:
             settings, job = state.settings, state.job
-            mode = settings.mode
-            # a rule that never differentiates the UNet (proximal) loses nothing in x0_only: no note then
-            note = job.note if get_rule(settings.rule).differentiates else (lambda message: None)
+            mode, note = settings.mode, job.note
             if forge and mode == "full":
                 mode = "x0_only"
                 note("x0_only: Forge samples under inference mode with inference-tensor weights; "

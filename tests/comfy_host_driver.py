@@ -174,7 +174,7 @@ def inprocess(work: str, pack: str, taesd: str, strength: str = "1.0") -> dict:
         out["lora_changes_output"] = float((no_cn - base).abs().max()) > 1e-4
         out["controlnet_changes_output"] = float((plain_lc - no_cn).abs().max()) > 1e-4
 
-        proximal = apply(step_rule="proximal", strength=1.0)     # the data step on x0_hat, no UNet gradient
+        proximal = apply(step_rule="proximal", strength=1.0)     # the data step on x0_hat, after its move through the UNet
         out["proximal"] = {name: {"plain": samplers[name]["plain"] if name in samplers else
                                   residual(ksample(model, start, sampler=name)),
                                   "dps": residual(ksample(proximal, start, sampler=name))}

@@ -421,9 +421,10 @@ def test_the_proximal_rule_guides_and_says_when_the_sampler_does_not_suit_it(web
     assert "LCM sampler" not in info.get("DPS note", "")
 
 
-def test_forge_says_nothing_of_x0_only_for_the_proximal_rule(webui):
-    """Forge guides in x0_only and says so for the gradient rules; the rule proximal never differentiates the UNet,
-    so its infotext has no such note (seen in a live Forge: the note told an LCM user what did not concern them)."""
+def test_forge_says_x0_only_for_the_proximal_rule_too(webui):
+    """Forge guides in x0_only and says so, for the rule proximal too: in mode full that rule moves the prediction
+    through the UNet first (``dps.proximal``, (2)), which Forge's inference-mode UNet cannot give; the data step
+    itself still runs and fits the measurement."""
     sd_model = host.ForgeSdModel()
     _, y, upload = truth_and_measurement(sd_model)
     plain, _ = host.forge_process_images(host.Processing(sd_model), [], [])
@@ -431,4 +432,4 @@ def test_forge_says_nothing_of_x0_only_for_the_proximal_rule(webui):
     guided, info = host.forge_process_images(p, [webui.script()], args_for(image=upload, rule="proximal", zeta=1.0))
     assert "DPS error" not in info and "rule: proximal" in info["DPS"], info
     assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y)
-    assert "DPS note" not in info, info
+    assert "x0_only: Forge" in info["DPS note"], info
