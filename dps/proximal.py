@@ -59,6 +59,7 @@ LAMBDA = 0.3
 ITERATIONS = 5
 # The share of (2)'s move, chosen on the same tuning digits (bench/README.md, *The pull through the denoiser*).
 PULL = 2.0
+PULL_FIX = "the share of (2)'s move; 2 is the measured default, 0 turns it off"
 
 
 # The hosts' samplers whose step re-noises the prediction with fresh noise alone, x_{i+1} = x0' + σ_{i+1} z: the rule
@@ -203,7 +204,7 @@ def proximal_prediction(guidance: DPSGuidance, result: GuidanceResult, sigma: fl
     ∇_{x_t} ½‖r‖² = J_{x_t}ᵀ g), ``x0_hat − pull · α · scale · J_{x_t}ᵀ g`` with α of
     ``first_iterate_length``; the denoiser's Jacobian with respect to ``x/scale`` is ``scale·J_{x_t}``. Without
     them (mode "x0_only"), ``proximal_step`` of x0_hat itself. A sample whose move is not finite is not moved."""
-    check_number("pull", pull, minimum=0, fix="the share of (2)'s move; 2 is the measured default, 0 turns it off")
+    check_number("pull", pull, minimum=0, fix=PULL_FIX)
     x0_hat = result.x0_hat
     if result.x0_grad is not None and pull > 0:
         alpha = first_iterate_length(guidance, x0_hat, result.x0_grad, sigma, lam)

@@ -25,7 +25,7 @@ import torch
 from .guidance import DPSGuidance, GuidanceResult, rms, vp_x0_jacobian
 from .host import guided_denoised
 from .progress import progress_bar, sigma_progress, step_progress
-from .proximal import ITERATIONS, LAMBDA, PULL, proximal_prediction
+from .proximal import ITERATIONS, LAMBDA, PULL, PULL_FIX, proximal_prediction
 from .rules import per_sample
 from .schedule import (Respaced, alphas_cumprod_from_betas, check_alphas_cumprod, check_betas, check_sigmas,
                        linear_betas, respace, sigma_from_alpha_cumprod, vp_sigma)
@@ -59,7 +59,7 @@ def _x0_and_guidance(eps_model: EpsModel, x: torch.Tensor, t: int, ac: float, cl
             return x0_fn(x), None
     result = guidance.evaluate(x, x0_fn)
     replaced = guidance.step_rule.prediction(guidance, result, vp_sigma(ac), math.sqrt(ac))   # x/√ᾱ = x0 + σε
-    if replaced is not None:     # the rule replaces x0_hat (``"proximal"``): the step is taken from x0', no gradient
+    if replaced is not None:     # the rule replaces x0_hat (``"proximal"``): the step is taken from x0', no x-step
         return replaced, None
     return result.x0_hat, result
 
@@ -271,7 +271,7 @@ def proximal_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, g
         raise TypeError("guidance must be a dps.DPSGuidance: the proximal sampler's step is the data step")
     check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
     check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
-    check_number("pull", pull, minimum=0, fix="the share of (2)'s move; 2 is the measured default, 0 turns it off")
+    check_number("pull", pull, minimum=0, fix=PULL_FIX)
     if float(sigmas[-1]) != 0:
         raise ValueError("sigmas must end at 0 (the last step returns the data-consistent prediction)")
     progress = _sigma_progress(sigmas)

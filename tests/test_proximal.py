@@ -88,6 +88,7 @@ def test_the_step_goes_through_a_nonlinear_decoder_and_keeps_a_non_finite_sample
     (lambda g, x: proximal_step(g, x, 0.0), "sigma"),
     (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 1.0]), g), "end at 0"),
     (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 0.0]), None), "a dps.DPSGuidance"),
+    (lambda g, x: proximal_sample(lambda x_, s: x_, x, torch.tensor([2.0, 0.0]), g, pull=-1.0), "0 turns it off"),
 ])
 def test_bad_arguments_are_refused_before_any_work(call, fix):
     op = Dense()
