@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     noise = Gaussian(s.sigma)
     results: dict = {"images": args.images, "offset": args.offset, "mode": args.mode, "start": args.start,
                      "move_share": args.move_share, "tasks": {}}
+    proximal = [f"{lam}:{pull}" for lam in args.lam.split(",") for pull in args.pull.split(",")]   # λ:κ settings
     for task in args.tasks.split(","):
         op, y = measure(task, setup.truth, s)
         row = results["tasks"].setdefault(task, {})
@@ -151,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             x_T = torch.randn((len(setup.truth), *setup.prior.shape),
                               generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for name in args.samplers.split(","):
-                proximal = [f"{lam}:{pull}" for lam in args.lam.split(",") for pull in args.pull.split(",")]
                 for setting in (proximal if name == "proximal" else args.settings.split(",")):
                     t0 = time.monotonic()
                     setting, x = host_run(name, setting, args, denoise, x_T.clone(), sigmas, op, y, noise)
