@@ -221,15 +221,14 @@ class DPSGuidance:
                 x0_hat = autograd_safe(x0_hat).detach().requires_grad_(True)
                 leaf = x0_hat
             if not self.step_rule.differentiates:       # "proximal", mode full: ½d² through x0_hat, then x_t
-                distance, x0_grad = self._x0_gradient(x0_hat, self.step_rule.objective)
-                (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=x0_grad.to(x0_hat.dtype))
+                distance, grad, x0_grad = self._split_gradient(x0_hat, leaf)
                 result = GuidanceResult(x0_hat.detach(), distance.detach(), grad.detach(), x0_grad=x0_grad.detach())
                 return self._checked(result, x_t)
             if self.decoder_gradient is None:
                 distance = self.distance(x0_hat)
                 (grad,) = torch.autograd.grad(self.step_rule.objective(distance).sum(), leaf)
             else:
-                distance, grad = self._split_gradient(x0_hat, leaf)
+                distance, grad, _ = self._split_gradient(x0_hat, leaf)
         grad = grad.detach()
         distance = distance.detach()
         grad = self.step_rule.scale_gradient(grad, distance)
@@ -256,13 +255,16 @@ class DPSGuidance:
         """
         return self.step_rule.direction(self, result, jacobian, limit)
 
-    def _split_gradient(self, x0_hat: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance and gradient through ``decoder_gradient`` (see its field's description)."""
+    def _split_gradient(self, x0_hat: torch.Tensor, leaf: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distance, gradient with respect to ``leaf`` and gradient with respect to ``x0_hat``, by the chain rule in
+        two parts: the latter first (through ``decoder_gradient`` when there is one; see its field), then pulled
+        back through the denoiser's graph to ``leaf``."""
         distance, g_latent = self._x0_gradient(x0_hat, self.step_rule.objective)
         if leaf is x0_hat:
-            return distance, g_latent
+            return distance, g_latent, g_latent
         (grad,) = torch.autograd.grad(x0_hat, leaf, grad_outputs=g_latent.to(x0_hat.dtype))
-        return distance, grad
+        return distance, grad, g_latent
 
     def _x0_gradient(self, x0_hat: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
