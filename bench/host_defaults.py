@@ -107,9 +107,14 @@ def euler_ancestral(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: 
 
 
 def host_sampler(function, name: str, options: dict | None = None, model_sampling: object | None = None,
-                 max_gain: float = MAX_GAIN):
+                 max_gain: float = MAX_GAIN, cfg_pp_plain: bool = False):
     """ComfyUI's sampler ``function`` guided as the node guides it: the prediction at each model call is the guided
-    x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``)."""
+    x0_hat, the correction filtered through the sampler's family (written out or probed, ``dps.samplers``). The
+    post-CFG functions a CFG++ sampler adds get the guided prediction as both the conditional and the unconditional
+    one (the prior has no condition; the node feeds the correction to both, ``nodes.hook.feed_post_cfg``), or with
+    ``cfg_pp_plain`` as the node did before: the unguided prediction as the unconditional one and no family (it had
+    none for a CFG++ sampler; Euler's kind passed the correction unfiltered)."""
+    plain_cfg_pp = cfg_pp_plain and name.endswith("_cfg_pp")
     from types import SimpleNamespace
     from dps.host import schedule_step
     from dps.samplers import sampler_family, stage_clock
@@ -121,24 +126,35 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     def run(denoise, x, sigmas, guidance: DPSGuidance | None, filtered: bool = True, seed: int = 1,
             final_iterations: int = FINAL_ITERATIONS, move_share: float = MOVE_SHARE):
         levels = [float(v) for v in sigmas]
-        family = sampler_family(function, sigmas, options, {"inner_model": host}) if filtered else None
+        family = sampler_family(function, sigmas, options, {"inner_model": host}) \
+            if filtered and not plain_cfg_pp else None
         filt = (CorrectionFilter(family, sigmas, max_gain=max_gain)
                 if family is not None and family.history > 0 else None)
         stages = stage_clock(function, sigmas, options) if filtered else None
         run.family = family
 
-        def model(x_, sigma, **kwargs):
+        def model(x_, sigma, model_options: dict | None = None, **kwargs):
+            out, plain = prediction(x_, sigma)
+            for fn in (model_options or {}).get("sampler_post_cfg_function", []):
+                unconditional = plain if plain_cfg_pp else out
+                out = fn({"denoised": out, "uncond_denoised": unconditional, "cond_denoised": unconditional,
+                          "input": x_, "sigma": sigma, "model_options": model_options})
+            return out
+
+        def prediction(x_, sigma):
+            """(the prediction the sampler gets, the prior's own)"""
             s = float(sigma.flatten()[0])
             i = max(j for j, level in enumerate(levels[:-1]) if level >= s * (1 - 1e-5)) if s < levels[0] else 0
             s_in = x_.new_full((x_.shape[0],), s)
             held = stages.later_feed(s) if stages is not None and stages.later_stage(s, x_) else None
             if held is not None:
                 with torch.no_grad():
-                    out = denoise(x_, s_in) + held
-                return final_stage_refinement(guidance, stages, s, x_, out, final_iterations)
+                    plain = denoise(x_, s_in)
+                return final_stage_refinement(guidance, stages, s, x_, plain + held, final_iterations), plain
             if guidance is None or not guidance.active(step_progress(i, len(levels) - 1)):
                 with torch.no_grad():
-                    return denoise(x_, s_in)
+                    plain = denoise(x_, s_in)
+                return plain, plain
             result = guidance.evaluate(x_, lambda z: denoise(z, s_in))
             delta = schedule_step(s, sigmas, stages)
             correction = guided_correction(result, guidance, s, delta, x_, move_share=move_share)
@@ -147,8 +163,8 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
                 correction = stages.first_feed(correction)
             out = result.x0_hat + correction
             if is_last_step(s, delta):
-                return final_refinement(guidance, out, final_iterations)
-            return final_stage_refinement(guidance, stages, s, x_, out, final_iterations)
+                return final_refinement(guidance, out, final_iterations), result.x0_hat
+            return final_stage_refinement(guidance, stages, s, x_, out, final_iterations), result.x0_hat
         model.inner_model = host
         torch.manual_seed(seed)
         return function(model, x, sigmas.clone(), extra_args={"seed": seed}, callback=None, disable=True,
@@ -156,7 +172,7 @@ def host_sampler(function, name: str, options: dict | None = None, model_samplin
     return run
 
 
-def comfy_samplers(path: str, names: list[str], max_gain: float = MAX_GAIN) -> dict:
+def comfy_samplers(path: str, names: list[str], max_gain: float = MAX_GAIN, cfg_pp_plain: bool = False) -> dict:
     """ComfyUI's samplers for ``names`` from the checkout at ``path`` (imported without its server): the function
     and options of its ``sampler_object(name)``, as the KSampler node gets them."""
     sys.path.insert(0, path)
@@ -173,7 +189,8 @@ def comfy_samplers(path: str, names: list[str], max_gain: float = MAX_GAIN) -> d
         if name not in comfy.samplers.SAMPLER_NAMES:
             raise SystemExit(f"ComfyUI at {path} has no sampler {name!r}")
         sampler = comfy.samplers.sampler_object(name)
-        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options), eps, max_gain)
+        out[name] = host_sampler(sampler.sampler_function, name, dict(sampler.extra_options), eps, max_gain,
+                                 cfg_pp_plain)
     return out
 
 
@@ -228,6 +245,9 @@ def main() -> int:
     p.add_argument("--comfyui", help="a ComfyUI checkout: other sampler names are its own functions")
     p.add_argument("--host-functions", action="store_true",
                    help="with --comfyui: every sampler from ComfyUI, euler and dpmpp_2m included")
+    p.add_argument("--cfg-pp-plain", action="store_true",
+                   help="with --comfyui: a CFG++ sampler guided as the node guided it before it fed the correction to "
+                        "both predictions (the unconditional one unguided, no multistep family)")
     p.add_argument("--scheduler", default="uniform",
                    help="uniform: evenly spaced timesteps (ComfyUI's normal); karras, exponential: ComfyUI's functions "
                         "between the prior's smallest and largest σ; any other name of ComfyUI's KSampler (normal, "
@@ -251,7 +271,7 @@ def main() -> int:
     if others and not args.comfyui:
         raise SystemExit(f"samplers {others} need --comfyui PATH (ComfyUI's own functions); here: {sorted(SAMPLERS)}")
     if others:
-        samplers.update(comfy_samplers(args.comfyui, others, args.max_gain))
+        samplers.update(comfy_samplers(args.comfyui, others, args.max_gain, args.cfg_pp_plain))
     s = DemoSettings(images=args.images, latent=True, vae=args.vae, offset=args.offset)
     setup = load_setup(s)
     ac = alphas_cumprod_from_betas(linear_betas()).float()

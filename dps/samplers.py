@@ -29,6 +29,15 @@ The update rules are those of k-diffusion's ``sampling.py`` as ComfyUI ships it 
 Samplers are named as k-diffusion names its functions, without ``sample_`` (the WebUI's k-samplers are the same
 functions). ``family_for`` returns None for a sampler it does not know.
 
+The CFG++ samplers (Chung et al. 2024, arXiv 2406.08070; ComfyUI's ``*_cfg_pp``) take x0 from the guided prediction
+``D`` and the direction back to the noise from the unconditional one ``D_u``; Euler's form is
+``x_{i+1} = D_i + σ_{i+1}(x_i − D_{u,i})/σ_i``. Each reduces to its base sampler when ``D = D_u``. DPS's correction
+is a change of the model's prediction under every condition (the likelihood term belongs to the unconditional prior
+as much as to the conditional one), so a host feeds it to both, ``D + c`` and ``D_u + c``; the x-update then
+receives it as the base sampler's does (Euler: ``(1 − σ_{i+1}/σ_i) c``), and the base sampler's family applies
+(``base_sampler``). Fed to ``D`` alone it would enter with weight 1, the rule's step ``σ_i/(σ_i − σ_{i+1})`` times
+over.
+
 For a sampler without a written-out family (LMS, iPNDM, DEIS, res_multistep, UniPC, ...) ``probe_family`` reads the
 weights off the sampler function itself. With fixed σ levels and no noise, a sampler that evaluates the model once
 per level is linear in its start ``x_0`` and its predictions: the state it evaluates at level i+1 is
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -160,7 +170,7 @@ FAMILIES: dict[str, Callable[[Mapping], object]] = {
     **{name: (lambda options: SingleStep()) for name in (
         "euler", "euler_ancestral", "euler_ancestral_RF", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
         "dpm_2_ancestral_RF", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_RF", "dpmpp_sde", "dpmpp_sde_gpu",
-        "ddpm", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp")},
+        "ddpm", "lcm")},
     "dpmpp_2m": lambda options: DPMSolver2M(),
     **{name: (lambda options: DPMSolver2MSDE(solver=options.get("solver_type", "midpoint"), **_sde_options(options)))
        for name in ("dpmpp_2m_sde", "dpmpp_2m_sde_gpu")},
@@ -170,11 +180,21 @@ FAMILIES: dict[str, Callable[[Mapping], object]] = {
 }
 
 
+CFG_PP = "_cfg_pp"     # ComfyUI's suffix of a CFG++ sampler's name (module docstring)
+
+
+def base_sampler(sampler: str) -> str:
+    """The k-diffusion name of ``sampler`` without a ``sample_`` prefix, and of a CFG++ sampler its base sampler's
+    (``"sample_dpmpp_2m_cfg_pp"`` → ``"dpmpp_2m"``): the one whose update the guidance part follows when the
+    correction reaches both predictions (module docstring)."""
+    name = sampler.removeprefix("sample_")
+    return name.removesuffix(CFG_PP)
+
+
 def family_for(sampler: str, options: Mapping | None = None):
-    """The family of the k-diffusion sampler ``sampler`` (``"dpmpp_2m"``; a ``sample_`` prefix is dropped), set up
+    """The family of the k-diffusion sampler ``sampler`` (``"dpmpp_2m"``; ``base_sampler`` of the name), set up
     with its ``options`` (eta, solver_type); None when the sampler is not known here."""
-    name = sampler[len("sample_"):] if sampler.startswith("sample_") else sampler
-    make = FAMILIES.get(name)
+    make = FAMILIES.get(base_sampler(sampler))
     return None if make is None else make(dict(options or {}))
 
 
@@ -380,7 +400,23 @@ def sampler_family(sample: Callable[..., torch.Tensor], sigmas: torch.Tensor | S
     """The family of the sampler function ``sample`` for the levels ``sigmas``: the written-out one of its name
     (``family_for``), else the weights probed from it (``probe_family``); None when it is neither."""
     name = getattr(sample, "__name__", "")
-    return family_for(name, options) or probe_family(sample, sigmas, options, model_attributes, name=name)
+    family = family_for(name, options)
+    if family is not None:
+        return family
+    base = _base_function(sample)
+    return None if base is None else probe_family(base, sigmas, options, model_attributes, name=name)
+
+
+def _base_function(sample: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
+    """``sample`` itself, or for a CFG++ sampler its base sampler's function from the same module (k-diffusion's
+    ``sample_<base>``); None when there is none."""
+    name = getattr(sample, "__name__", "")
+    if not name.endswith(CFG_PP):
+        return sample
+    module = sys.modules.get(getattr(sample, "__module__", None) or "")
+    base = base_sampler(name)
+    found = getattr(module, f"sample_{base}", None) or getattr(module, base, None)
+    return found if callable(found) else None
 
 
 # Samplers that evaluate the model more than once per step, k-diffusion's names: Heun (the second evaluation at
@@ -525,8 +561,7 @@ def stage_clock(sample: Callable[..., torch.Tensor] | str, sigmas: torch.Tensor 
                 options: Mapping | None = None) -> StageClock | None:
     """The ``StageClock`` of the sampler function (or k-diffusion name) ``sample`` with ``options`` (eta); None for
     a sampler with one evaluation per step, or one whose stages are not known here."""
-    name = sample if isinstance(sample, str) else getattr(sample, "__name__", "")
-    name = name[len("sample_"):] if name.startswith("sample_") else name
+    name = base_sampler(sample if isinstance(sample, str) else getattr(sample, "__name__", ""))
     if name not in STAGED or float((options or {}).get("eta", 0.0) or 0.0) != 0.0:
         return None     # DPM-Solver-fast with η > 0 (the WebUI's default eta) takes other steps
     return StageClock(STAGED[name], sigmas)

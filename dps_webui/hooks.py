@@ -287,12 +287,23 @@ class DenoiserWrapper:
             t = int(round(s))
             t_next = None if delta is None else t - int(round(delta))
             next_ac = None if t_next is None else (1.0 if t_next < 0 else float(alphas[t_next]))
-            return out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
-        correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x), result.x0_hat)
-        guided = result.x0_hat + correction                 # result.x0_hat is out
-        if is_last_step(s, delta):                          # the sample itself: brought to the noise floor
-            guided = final_refinement(self.guidance, guided, distances=self.job.refined)
+            guided = out + eps_correction(self.guidance, result, x, float(alphas[t]), next_ac).to(out.dtype)
+        else:
+            correction = self.clock.feed(s, guided_correction(result, self.guidance, s, delta, x), result.x0_hat)
+            guided = result.x0_hat + correction                 # result.x0_hat is out
+            if is_last_step(s, delta):                          # the sample itself: brought to the noise floor
+                guided = final_refinement(self.guidance, guided, distances=self.job.refined)
+        self._feed_unconditional(guided - out)
         return guided.to(out.dtype)
+
+    def _feed_unconditional(self, change: torch.Tensor) -> None:
+        """DDIM CFG++ reads the unconditional output the host keeps (``last_noise_uncond``, in the forward's units)
+        beside the guided one: it gets the same change, so that its update receives the correction as DDIM's
+        does (``dps.samplers``, CFG++)."""
+        if getattr(self.denoiser, "need_last_noise_uncond", False):
+            kept = getattr(self.denoiser, "last_noise_uncond", None)
+            if isinstance(kept, torch.Tensor):
+                self.denoiser.last_noise_uncond = kept.detach() + change.to(kept)
 
     def _clean_side_outputs(self) -> None:
         # The host keeps the cond x̂0 for interrupts and the live preview; a graph there would leak into
@@ -347,6 +358,17 @@ def forge_gradient(vae_patcher, mode: str = "auto") -> DecoderGradient:
     return DecoderGradient(module, call, mode=mode)
 
 
+def _feed_unconditional(sampler: object, args: dict, change: torch.Tensor) -> None:
+    """Forge's DDIM CFG++ reads ``last_noise_uncond``, which Forge's CFG denoiser computes from this very
+    unconditional prediction after the post-CFG functions have run: it gets the guided one's change, in place (Forge
+    gives no later hook), so that the update receives the correction as DDIM's does (``dps.samplers``, CFG++).
+    Only for a sampler that reads it (``need_last_noise_uncond``)."""
+    unconditional = args.get("uncond_denoised")
+    if getattr(getattr(sampler, "model_wrap_cfg", None), "need_last_noise_uncond", False) \
+            and isinstance(unconditional, torch.Tensor):
+        unconditional.add_(change.to(unconditional))
+
+
 def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Callable[[dict], torch.Tensor]:
     """A Forge/ComfyUI ``sampler_post_cfg_function``: ``args`` holds ``input`` (x), ``sigma`` and
     ``denoised`` (x̂0 after CFG); returns the guided x̂0. Mode "x0_only" (the gradient w.r.t. x̂0)."""
@@ -373,6 +395,7 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x), result.x0_hat)
             if is_last_step(s, delta):
                 guided = final_refinement(guidance, guided, distances=job.refined)
+            _feed_unconditional(clock.sampler, args, guided - denoised)
             return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False

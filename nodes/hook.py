@@ -13,7 +13,10 @@ documented surface only, so tests drive this module with small fakes.
   ``x0_hat + correction`` (``dps.host.guided_correction``). Every built-in sampler goes through it. For a
   multistep sampler (DPM++ 2M, 2M SDE, 3M SDE; told by the ``KSAMPLER``'s function, which ``OUTER_SAMPLE``
   receives) the correction is filtered (``dps.samplers``) so that its update receives the intended step; a
-  sampler without a family there keeps the plain correction, said once in the log.
+  sampler without a family there keeps the plain correction, said once in the log. A CFG++ sampler reads the
+  unconditional prediction through a ``sampler_post_cfg_function`` of its own; the guided evaluation runs without
+  it, and it is then given the corrected predictions (``feed_post_cfg``), so that the correction reaches both
+  branches and the x-update receives it as the base sampler's does (``dps.samplers``).
 
 The gradient through the decoder is taken by ``dps.vae_gradient`` (``vae_gradient``: auto picks full,
 checkpointed or tiled from the free memory); with a fast decoder (TAESD) and ``fast_decoder_end`` < 1 the fast
@@ -104,6 +107,7 @@ class RunState:
     logged: set = field(default_factory=set)
     sampler_filter: CorrectionFilter | None = None
     stages: StageClock | None = None
+    host_post_cfg: tuple = ()    # the guider's own post-CFG functions: the others the sampler added (CFG++)
 
 
 def _operators(op: Operator) -> list[Operator]:
@@ -221,6 +225,7 @@ class DPSPatch:
         patcher = getattr(guider, "model_patcher", None)
         y = self.validate(noise.shape, latent_channels_of(patcher) if patcher is not None else None)
         self.run = self._start_run(y, getattr(getattr(patcher, "model", None), "diffusion_model", None))
+        self.run.host_post_cfg = tuple(post_cfg_functions(getattr(guider, "model_options", None)))
         sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         self.run.sampler_filter = self._sampler_filter(sampler, sigmas, patcher)
@@ -262,9 +267,12 @@ class DPSPatch:
         guidance = self._guidance_at(sigma, inner)
         sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         sigma_in = normal_tensor(timestep)
+        own = [f for f in post_cfg_functions(model_options) if not any(f is g for g in self.run.host_post_cfg)]
+        recorded: dict = {}
+        options = without_post_cfg(model_options, own, recorded) if own else model_options
 
         def x0_fn(x_in: torch.Tensor) -> torch.Tensor:
-            return executor(x_in, sigma_in, model_options, seed)
+            return executor(x_in, sigma_in, options, seed)
 
         result = guidance.evaluate(x, x0_fn)
         self._log_plan(guidance, result.x0_hat)
@@ -292,6 +300,8 @@ class DPSPatch:
             self._report_refined(guidance)
         else:
             out = self._refine_final(guidance, stages, sigma, x, out)
+        if own:
+            out = feed_post_cfg(own, recorded, out, out - result.x0_hat)
         if self.interrupt is not None:
             self.interrupt()
         return out
@@ -451,6 +461,44 @@ class DPSPatch:
                      [round(float(v), 4) for v in first], [round(float(v), 4) for v in last], len(run.distances),
                      f", {[round(float(v), 4) for v in run.refined[-1]]} after the last step's refinement"
                      if run.refined else "")
+
+
+POST_CFG = "sampler_post_cfg_function"     # the model_options key of ComfyUI's post-CFG functions
+
+
+def post_cfg_functions(model_options: Any) -> list[Callable[[dict], torch.Tensor]]:
+    """The post-CFG functions in ``model_options`` (ComfyUI calls each with the CFG result and the conditional and
+    unconditional predictions, ``comfy.samplers.sampling_function``)."""
+    return list(model_options.get(POST_CFG, None) or []) if isinstance(model_options, dict) else []
+
+
+def without_post_cfg(model_options: dict, functions: list, recorded: dict) -> dict:
+    """A copy of ``model_options`` whose post-CFG functions ``functions`` (a CFG++ sampler's, which read the
+    unconditional prediction) are replaced by one that records its arguments (detached) into ``recorded``."""
+
+    def record(args: dict) -> torch.Tensor:
+        recorded.clear()
+        recorded.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+        return args["denoised"]
+
+    kept = [f for f in post_cfg_functions(model_options) if not any(f is g for g in functions)]
+    return {**model_options, POST_CFG: kept + [record]}
+
+
+def feed_post_cfg(functions: list, recorded: dict, denoised: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """Call the post-CFG functions held back from the guided evaluation (``without_post_cfg``) with the guided
+    prediction ``denoised`` and the conditional and unconditional predictions moved by the same ``change``, so that
+    a CFG++ sampler sees the correction in both (``dps.samplers``); returns the last one's result, as ComfyUI
+    chains them. Nothing is called when the evaluation did not reach them (ComfyUI did not either)."""
+    if not recorded:
+        return denoised
+    for fn in functions:
+        args = dict(recorded, denoised=denoised)
+        for key in ("uncond_denoised", "cond_denoised"):
+            if isinstance(recorded.get(key), torch.Tensor):
+                args[key] = recorded[key] + change.to(recorded[key])
+        denoised = fn(args)
+    return denoised
 
 
 def progress_text(distances: list[torch.Tensor], fell_back: bool = False, refined: torch.Tensor | None = None) -> str:

@@ -9,6 +9,7 @@ weights created inside it, as ComfyUI does, which reproduces "Inference tensors 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -142,16 +143,24 @@ class Patcher:
 
 
 class Guider:
-    """CFGGuider: ``__call__`` goes through PREDICT_NOISE wrappers; ``predict_noise`` does CFG over two calls."""
+    """CFGGuider: ``__call__`` goes through PREDICT_NOISE wrappers; ``predict_noise`` does CFG over two calls, then
+    the post-CFG functions of ``model_options`` (comfy.samplers.sampling_function's arguments); ``model_options``
+    are the guider's own (the model's), which the sampler receives and may add to (CFG++)."""
 
-    def __init__(self, patcher, cfg=2.0, extra_models=()):
+    def __init__(self, patcher, cfg=2.0, extra_models=(), uncond_scale=0.5, post_cfg=()):
         self.model_patcher, self.inner_model, self.cfg = patcher, patcher.model, cfg
         self.loaded_models = list(extra_models)
+        self.uncond_scale = uncond_scale
+        self.model_options = {"sampler_post_cfg_function": list(post_cfg)}
 
     def predict_noise(self, x, sigma, model_options, seed):
         cond = self.inner_model.apply_model(x, sigma, 1.0)
-        uncond = self.inner_model.apply_model(x, sigma, 0.5)
-        return uncond + (cond - uncond) * self.cfg
+        uncond = self.inner_model.apply_model(x, sigma, self.uncond_scale)
+        out = uncond + (cond - uncond) * self.cfg
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            out = fn({"denoised": out, "cond_denoised": cond, "uncond_denoised": uncond, "input": x, "sigma": sigma,
+                      "model_options": model_options})
+        return out
 
     def __call__(self, x, sigma, model_options, seed):
         return Executor(self.predict_noise, self, self.model_patcher.all(hook.PREDICT_NOISE))(x, sigma, model_options, seed)
@@ -159,8 +168,13 @@ class Guider:
     def sample(self, noise, latent, sampler, sigmas, seed=0):
         def outer(noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None):
             x = noise * sigmas[0] + latent_image
-            opts = {"transformer_options": {"sample_sigmas": sigmas}}
-            return sampler(lambda x_, s_: self(x_, s_, opts, seed), x, sigmas)
+            opts = {**self.model_options, "transformer_options": {"sample_sigmas": sigmas}}
+
+            def model(x_, s_, model_options=None):
+                return self(x_, s_, opts if model_options is None else model_options, seed)
+
+            model.model_options = opts     # what a sampler gets as extra_args["model_options"]
+            return sampler(model, x, sigmas)
 
         return Executor(outer, self, self.model_patcher.all(hook.OUTER_SAMPLE))(noise, latent, sampler, sigmas, None,
                                                                                 None, True, seed)
@@ -193,6 +207,27 @@ def dpmpp_2m(model, x, sigmas):
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
         x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * d
         old = denoised
+    return x
+
+
+@torch.no_grad()
+def euler_cfg_pp(model, x, sigmas, seen=None):
+    """ComfyUI's ``sample_euler_cfg_pp``: x0 from the guided prediction, the noise direction from the unconditional
+    one, read through a post-CFG function the sampler adds to its copy of the model options."""
+    unconditional = {}
+
+    def post_cfg_function(args):
+        unconditional["denoised"] = args["uncond_denoised"]
+        return args["denoised"]
+
+    options = dict(model.model_options)
+    options["sampler_post_cfg_function"] = options.get("sampler_post_cfg_function", []) + [post_cfg_function]
+    s_in = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, model_options=options)
+        if seen is not None:
+            seen.append((denoised.clone(), unconditional["denoised"].clone()))
+        x = denoised + sigmas[i + 1] * (x - unconditional["denoised"]) / sigmas[i]
     return x
 
 
@@ -248,12 +283,12 @@ def as_image(x_nchw):
     return ((x_nchw + 1) / 2).movedim(1, -1)
 
 
-def run(patcher, vae, sampler=euler, batch=1, seed=1, extra_models=()):
+def run(patcher, vae, sampler=euler, batch=1, seed=1, extra_models=(), **guider_options):
     """Sample under inference mode; returns the decoded images in [-1, 1]."""
     with torch.inference_mode():
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(batch, patcher.model.latent_format.latent_channels, 4, 4, generator=g)
-        guider = Guider(patcher, extra_models=extra_models)
+        guider = Guider(patcher, extra_models=extra_models, **guider_options)
         latent = guider.sample(noise, torch.zeros_like(noise), sampler, SIGMAS)
         fsm = vae.first_stage_model
         return fsm.decode(patcher.model.process_latent_out(latent).to(vae.vae_dtype)).float()
@@ -290,6 +325,34 @@ def test_guidance_lowers_the_measurement_residual(sampler, rule, mode):
     assert float(dps_res) < 0.6 * float(plain), (float(dps_res), float(plain))
     distances = patch.last_run.distances
     assert len(distances) == len(SIGMAS) - 1 and float(distances[-1][0]) < float(distances[0][0])
+
+
+def test_cfg_pp_sampler_gets_the_correction_in_both_predictions():
+    """A CFG++ sampler reads the unconditional prediction through a post-CFG function of its own; the node feeds it
+    the correction too, so the x-update receives it as Euler's does (dps.samplers): with the unconditional
+    prediction equal to the conditional one, guided euler_cfg_pp is guided euler. A user's post-CFG function runs
+    once per evaluation, inside it, as without guidance."""
+    patcher, vae, clean, operator, noise, measurement = setup_sr()
+    y = measurement.movedim(-1, 1) * 2 - 1
+    calls = []
+
+    def user_post_cfg(args):
+        calls.append(args["sigma"])
+        return args["denoised"]
+
+    with torch.inference_mode():
+        guided, patch = hook.apply_dps(patcher, vae, measurement, operator, noise, Settings())
+    seen = []
+    same = dict(uncond_scale=1.0, post_cfg=[user_post_cfg])
+    reference = run(guided, vae, euler, **same)
+    assert len(calls) == len(SIGMAS) - 1
+    cfg_pp = run(guided, vae, functools.partial(euler_cfg_pp, seen=seen), **same)
+    assert len(calls) == 2 * (len(SIGMAS) - 1)
+    assert all(torch.allclose(denoised, unconditional, atol=1e-6) for denoised, unconditional in seen)
+    assert torch.allclose(cfg_pp, reference, atol=1e-5), float((cfg_pp - reference).abs().max())
+    # with classifier-free guidance proper (the two predictions differ) the residual still falls
+    plain = residual(operator, y, run(patcher, vae, euler_cfg_pp))
+    assert float(residual(operator, y, run(guided, vae, euler_cfg_pp))) < 0.6 * float(plain)
 
 
 def test_zero_strength_leaves_the_output_unchanged():

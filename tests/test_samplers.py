@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dps.samplers import (CorrectionFilter, DPMSolver2M, DPMSolver2MSDE, DPMSolver3MSDE, SingleStep, family_for,
-                          probe_family)
+from dps.samplers import (CorrectionFilter, DPMSolver2M, DPMSolver2MSDE, DPMSolver3MSDE, SingleStep, base_sampler,
+                          family_for, probe_family, sampler_family)
 
 
 def lam(sigma: float, flow: bool) -> float:
@@ -326,6 +326,32 @@ def test_family_names():
     assert family_for("uni_pc") is None and family_for("dpm_fast_function") is None
     with pytest.raises(ValueError, match="solver"):
         family_for("dpmpp_2m_sde", {"solver_type": "rk4"})
+    # a CFG++ sampler takes its base sampler's family (the correction reaches both of its predictions)
+    assert base_sampler("sample_dpmpp_2m_cfg_pp") == "dpmpp_2m" and base_sampler("euler") == "euler"
+    assert isinstance(family_for("dpmpp_2m_cfg_pp"), DPMSolver2M)
+    assert isinstance(family_for("sample_euler_ancestral_cfg_pp"), SingleStep)
+
+
+def sample_lms2(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A two-step Adams-Bashforth sampler in σ (an LMS-type multistep sampler without a written-out family)."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        d = (x - model(x, sigmas[i] * x.new_ones([1]))) / sigmas[i]
+        slope = d if old is None else 1.5 * d - 0.5 * old
+        x, old = x + (sigmas[i + 1] - sigmas[i]) * slope, d
+    return x
+
+
+def sample_lms2_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Its CFG++ twin, as ComfyUI's read the unconditional prediction: through the host's model options."""
+    raise RuntimeError("needs the host's CFG function")
+
+
+def test_a_cfg_pp_sampler_is_probed_through_its_base_sampler():
+    sigmas = torch.tensor([14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    base, twin = sampler_family(sample_lms2, sigmas), sampler_family(sample_lms2_cfg_pp, sigmas)
+    assert base is not None and base.history >= 1
+    assert twin is not None and twin.table == base.table and twin.name == "sample_lms2_cfg_pp"
 
 
 COMFY = os.environ.get("COMFYUI_PATH")
@@ -515,6 +541,65 @@ def test_comfyuis_other_multistep_samplers_receive_the_intended_step_through_the
     errors = run_driver(tmp_path / "probe_driver.py", PROBE_DRIVER)
     assert len(errors) == 20 and all(e is not None for e in errors.values()), errors
     assert all(e < (1e-3 if k.startswith("uni_pc") else 1e-8) for k, e in errors.items()), errors
+
+
+CFG_PP_DRIVER = textwrap.dedent('''
+    import inspect, json, os, sys
+    sys.path.insert(0, os.environ["COMFYUI_PATH"]); sys.path.insert(0, sys.argv[1])
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    import comfy.k_diffusion.sampling as ks
+    import comfy.samplers
+    from dps.samplers import CorrectionFilter, base_sampler, sampler_family
+
+    class Inner:   # what the samplers read: model.inner_model.model_patcher, .inner_model.model_sampling
+        def __init__(self): self.model_patcher, self.inner_model, self.model_sampling = self, self, object()
+        def get_model_object(self, name): return object()   # not CONST: an ε/v model, λ = −log σ
+
+    sigmas = torch.tensor([14.6, 8.0, 4.5, 2.4, 1.2, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    zero = lambda a, b: torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    denoise = lambda x, s: torch.tanh(0.25 / (0.25 + s * s) * x)
+    correct = lambda x, s: 0.3 * torch.cos(x + s)          # the rule's correction: any function of the point
+    # dpmpp_2s_ancestral_cfg_pp's update reads the unconditional prediction of its second evaluation beside the
+    # guided one of its first: it is not its base sampler even unguided (its guidance part differs by
+    # (σ_down/σ)(c_1 − c_2))
+    names = [n for n in comfy.samplers.KSAMPLER_NAMES if n.endswith("_cfg_pp") and "2s_" not in n]
+    out = {}
+    for name in names:
+        runs = []
+        for sample in (getattr(ks, "sample_" + name), getattr(ks, "sample_" + base_sampler(name))):
+            family = sampler_family(sample, sigmas, {}, {"inner_model": Inner()})
+            filt = CorrectionFilter(family, sigmas) if family is not None and family.history else None
+            def model(x, sigma, model_options=None, **unused):
+                s = float(sigma.flatten()[0])
+                d = denoise(x, s)
+                c = correct(x, s)
+                fed = d + (filt(s, c, d) if filt is not None else c)
+                for fn in (model_options or {}).get("sampler_post_cfg_function", []):   # as the node feeds them
+                    fed = fn({"denoised": fed, "uncond_denoised": fed, "cond_denoised": fed})
+                return fed
+            model.inner_model = Inner()
+            x_T = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 14.6
+            kw = {"noise_sampler": zero} if "noise_sampler" in inspect.signature(sample).parameters else {}
+            runs.append((sample(model, x_T, sigmas.clone(), extra_args={}, disable=True, **kw),
+                         None if family is None else getattr(family, "table", family.name)))
+        (a, fa), (b, fb) = runs
+        out[name] = [float((a - b).abs().max()), fa == fb]
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to check against ComfyUI's own samplers")
+def test_comfyuis_cfg_pp_samplers_receive_the_correction_as_their_base_samplers(tmp_path):
+    """ComfyUI's CFG++ samplers (but DPM++ 2S, see the driver), a nonlinear prediction, the correction fed to both
+    predictions as the node feeds it: the guided run is its base sampler's guided run (the same family, the same
+    states)."""
+    errors = run_driver(tmp_path / "cfg_pp_driver.py", CFG_PP_DRIVER)
+    assert len(errors) == 6, errors
+    assert all(same and e < 1e-9 for e, same in errors.values()), errors
 
 
 # ---- the ComfyUI adapter: OUTER_SAMPLE tells the sampler, PREDICT_NOISE feeds the filtered correction ----------

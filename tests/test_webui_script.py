@@ -145,6 +145,38 @@ def test_x0_only_mode_and_timestep_sampler_lower_the_residual(webui):
     assert "mode: x0_only" in info["DPS"]
 
 
+def test_a1111_ddim_cfg_pp_gets_the_correction_in_both_outputs(webui):
+    """DDIM CFG++ reads the unconditional output apart (``last_noise_uncond``): the wrapper moves it as the guided
+    one, so with the two outputs equal (the same conditioning) guided DDIM CFG++ is guided DDIM; with CFG proper
+    the residual falls."""
+    sd_model = host.SdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    args = args_for(image=upload, rule="polyak", zeta=1.0)
+    runs = {}
+    for name, sampler in (("ddim", host.DDIMSampler), ("cfg_pp", host.DDIMCFGPPSampler)):
+        runs[name], info = host.process_images(host.Processing(sd_model), [webui.script()], args,
+                                               lambda p_: sampler(p_.sd_model, webui.shared, same_condition=True))
+        assert "DPS error" not in info, info
+    torch.testing.assert_close(runs["cfg_pp"], runs["ddim"], rtol=0, atol=1e-5)
+    make = lambda p_: host.DDIMCFGPPSampler(p_.sd_model, webui.shared)  # noqa: E731
+    plain, _ = host.process_images(host.Processing(sd_model), [], [], make)
+    guided, _ = host.process_images(host.Processing(sd_model), [webui.script()], args, make)
+    assert sr_residual(guided, y) < 0.5 * sr_residual(plain, y), (sr_residual(guided, y), sr_residual(plain, y))
+
+
+def test_forge_cfg_pp_gets_the_correction_in_both_predictions(webui):
+    """Forge computes ``last_noise_uncond`` from the unconditional prediction after the post-CFG functions: the
+    hook moves that prediction as the guided one, so with the two equal, guided CFG++ is guided Euler."""
+    sd_model = host.ForgeSdModel()
+    _, y, upload = truth_and_measurement(sd_model)
+    args = args_for(image=upload, rule="polyak", zeta=1.0, mode="x0_only")
+    euler, info = host.forge_process_images(host.Processing(sd_model), [webui.script()], args, same_condition=True)
+    cfg_pp, _ = host.forge_process_images(host.Processing(sd_model), [webui.script()], args, same_condition=True,
+                                          func=host.sample_euler_cfg_pp)
+    assert "DPS error" not in info, info
+    torch.testing.assert_close(cfg_pp, euler, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["k-diffusion euler", "DDIM", "Forge"])
 def test_default_rule_and_strength_lower_the_residual(webui, path):
     """The accordion's defaults ("polyak", ζ = 1), unchanged, on each hook path."""

@@ -238,6 +238,8 @@ class CFGDenoiser(torch.nn.Module):
         self.shared = shared
         self.mask = self.nmask = self.init_latent = None
         self.step = 0
+        self.need_last_noise_uncond = False     # set by DDIM CFG++, which reads the unconditional output apart
+        self.last_noise_uncond = None
 
     def get_pred_x0(self, x_in, x_out, sigma):
         return x_out
@@ -253,6 +255,8 @@ class CFGDenoiser(torch.nn.Module):
         x_out = torch.zeros_like(x_in)  # the host's batch_cond_uncond=False path: slice assignment
         x_out[:b] = self.inner_model(x_in[:b], sigma_in[:b], cond={"c_crossattn": [cond]})
         x_out[b:] = self.inner_model(x_in[b:], sigma_in[b:], cond={"c_crossattn": [uncond]})
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = torch.clone(x_out[b:])
         self.sampler.last_latent = self.get_pred_x0(x_in[:b], x_out[:b], sigma)
         self.shared.state.current_latent = self.sampler.last_latent  # store_latent(preview)
         denoised = x_out[b:] + cond_scale * (x_out[:b] - x_out[b:])
@@ -314,7 +318,11 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 class KDiffusionSampler:
-    def __init__(self, sd_model, shared, func=sample_euler):
+    """``same_condition``: the negative prompt's conditioning equal to the prompt's (a test's way to make the
+    unconditional output the conditional one)."""
+
+    def __init__(self, sd_model, shared, func=sample_euler, same_condition=False):
+        self.same_condition = same_condition
         self.shared = shared
         self.model_wrap = CompVisDenoiserLike(sd_model.unet)
         self.model_wrap_cfg = CFGDenoiser(self, shared)
@@ -337,7 +345,8 @@ class KDiffusionSampler:
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         sigmas = self.get_sigmas(p, steps or p.steps)
-        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": unconditional_conditioning,
+        uncond = conditioning if self.same_condition else unconditional_conditioning
+        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": uncond,
                       "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
         return self.func(self.model_wrap_cfg, x * sigmas[0], sigmas, extra_args=extra_args,
                          callback=self.callback_state)
@@ -371,7 +380,11 @@ class EpsFromDenoiser(torch.nn.Module):
 
 
 class DDIMSampler(KDiffusionSampler):
-    def __init__(self, sd_model, shared):
+    """The WebUI's DDIM (sd_samplers_timesteps_impl.ddim, η = 0); ``same_condition``: the negative prompt's
+    conditioning equal to the prompt's (a test's way to make the unconditional output the conditional one)."""
+
+    def __init__(self, sd_model, shared, same_condition=False):
+        self.same_condition = same_condition
         self.shared = shared
         self.model_wrap = EpsFromDenoiser(sd_model.unet, sd_model.alphas_cumprod)
         self.model_wrap_cfg = CFGDenoiserTimesteps(self, shared, sd_model.alphas_cumprod)
@@ -382,7 +395,8 @@ class DDIMSampler(KDiffusionSampler):
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         alphas = self.model_wrap_cfg.alphas
         timesteps = torch.linspace(999, 0, steps or p.steps).round().long()
-        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": unconditional_conditioning,
+        uncond = conditioning if self.same_condition else unconditional_conditioning
+        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": uncond,
                       "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
         s_in = x.new_ones([x.shape[0]])
         for i, t in enumerate(timesteps):
@@ -390,8 +404,23 @@ class DDIMSampler(KDiffusionSampler):
             eps = self.model_wrap_cfg(x, t * s_in, **extra_args)
             x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
             self.callback_state({"denoised": x0})
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * self.direction(eps)
         return x
+
+    def direction(self, eps):
+        return eps
+
+
+class DDIMCFGPPSampler(DDIMSampler):
+    """The WebUI's DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp): x0 from the guided output, the direction to
+    the noise from the unconditional one, which the CFG denoiser keeps when ``need_last_noise_uncond``."""
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        self.model_wrap_cfg.need_last_noise_uncond = True
+        return super().sample(p, x, conditioning, unconditional_conditioning, steps, image_conditioning)
+
+    def direction(self, eps):
+        return self.model_wrap_cfg.last_noise_uncond
 
 
 class Processing:
@@ -530,6 +559,8 @@ class ForgeCFGDenoiser(CFGDenoiser):
                     "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": sigma,
                     "model_options": unet.model_options, "input": x}
             denoised = fn(args)
+        if self.need_last_noise_uncond:        # after the post-CFG functions, from the same tensor
+            self.last_noise_uncond = (x - uncond_pred) / sigma[:, None, None, None]
         self.sampler.last_latent = cond_pred
         self.shared.state.current_latent = cond_pred
         self.step += 1
@@ -537,15 +568,30 @@ class ForgeCFGDenoiser(CFGDenoiser):
 
 
 class ForgeSampler(KDiffusionSampler):
-    def __init__(self, sd_model, shared):
-        super().__init__(sd_model, shared)
+    def __init__(self, sd_model, shared, func=sample_euler, same_condition=False):
+        super().__init__(sd_model, shared, func, same_condition)
         self.model_wrap_cfg = ForgeCFGDenoiser(self, shared, sd_model)
 
 
-def forge_process_images(p, scripts, args, generator_seed=0):
+@torch.no_grad()
+def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None):
+    """Euler with CFG++'s split (as Forge's DDIM CFG++ does it in ᾱ): x0 from the guided output, the direction to
+    the noise from the unconditional one, ``last_noise_uncond`` of the CFG denoiser."""
+    model.need_last_noise_uncond = True
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        x = denoised + sigmas[i + 1] * model.last_noise_uncond
+    return x
+
+
+def forge_process_images(p, scripts, args, generator_seed=0, func=sample_euler, same_condition=False):
     """Forge: forge_objects are reset before every sampling; everything runs under inference mode."""
     p.sd_model.forge_objects = copy.copy(p.sd_model.forge_objects_original)
-    return process_images(p, scripts, args, lambda p_: ForgeSampler(p_.sd_model, sys.modules["modules.shared"]),
+    shared = sys.modules["modules.shared"]
+    return process_images(p, scripts, args, lambda p_: ForgeSampler(p_.sd_model, shared, func, same_condition),
                           grad_mode=torch.inference_mode, generator_seed=generator_seed)
 
 
