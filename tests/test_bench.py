@@ -131,19 +131,20 @@ def test_sampler_table_marks_misses_and_uses_euler_on_the_same_levels(tmp_path):
                     reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to run the bench with ComfyUI's own samplers")
 def test_host_defaults_runs_comfyuis_samplers_on_comfyuis_schedules(taesd_dir, tmp_path):
     """``bench/host_defaults.py --scheduler beta``: ComfyUI's own scheduler on the prior's schedule and ComfyUI's
-    sampler functions; at 8 steps guidance lifts super-resolution 4-7 dB above the unguided run (9-10 dB)."""
+    sampler functions (a CFG++ one through its post-CFG function, as ComfyUI calls it); at 8 steps guidance lifts
+    super-resolution 4-7 dB above the unguided run (9-10 dB)."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     cmd = [python, "bench/host_defaults.py", "--vae", str(taesd_dir / "taesd_decoder.safetensors"), "--images", "1",
            "--offset", "0", "--steps", "8", "--tasks", "super_resolution", "--settings", "polyak:1,polyak:0",
            "--comfyui", os.environ["COMFYUI_PATH"], "--host-functions", "--threads", "1", "--json",
-           "--scheduler", "beta", "--samplers", "euler,dpmpp_3m_sde"]
+           "--scheduler", "beta", "--samplers", "euler,dpmpp_3m_sde,dpmpp_2m_cfg_pp"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["scheduler"] == "beta"
-    for sampler in ("euler", "dpmpp_3m_sde"):
+    for sampler in ("euler", "dpmpp_3m_sde", "dpmpp_2m_cfg_pp"):
         row = result["psnr"][sampler]["super_resolution"]
-        assert row["polyak:1"] > row["polyak:0"] + 3, row
+        assert row["polyak:1"] > row["polyak:0"] + 3, (sampler, row)
 
 
 def test_seven_guided_steps_beat_the_baselines(taesd_dir):
