@@ -320,7 +320,8 @@ def main() -> int:
         print(json.dumps({"steps": args.steps, "scheduler": args.scheduler, "images": args.images,
                           "offset": args.offset, "mode": args.mode,
                           "start": args.start,
-                          "plain_multistep": args.plain_multistep, "max_gain": args.max_gain,
+                          "plain_multistep": args.plain_multistep, "cfg_pp_plain": args.cfg_pp_plain,
+                          "max_gain": args.max_gain,
                           "final_iterations": args.final_iterations, "move_share": args.move_share,
                           "discard_penultimate": sorted(discard & set(table)), "psnr": table}))
     return 0
