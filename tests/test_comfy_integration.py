@@ -112,6 +112,12 @@ def test_in_process_every_sampler_and_entry_point(work):
     assert len(every) >= 40 and {"lms", "deis", "ipndm", "res_multistep", "uni_pc_bh2", "dpm_adaptive"} <= set(every)
     for name, case in every.items():
         assert case["finite"] and case["dps"][0] < case["plain"][0], (name, case)
+    # The driver's negative conditioning is its positive one, so a CFG++ sampler is its base sampler here, guided too
+    # (the node feeds the correction to the unconditional prediction as well, nodes/hook.py feed_post_cfg).
+    for name, base in (("euler_cfg_pp", "euler"), ("dpmpp_2m_cfg_pp", "dpmpp_2m")):
+        for key in ("plain", "dps"):
+            assert abs(every[name][key][0] - every[base][key][0]) <= 1e-3 * every[base][key][0], (name, every[name],
+                                                                                                  every[base])
     assert result["txt2img"]["dps"][0] < result["txt2img"]["plain"][0]
     assert len(result["batch"]["dps"]) == 2
     assert result["plain_after_guided_equal"] is True              # the same model runs unguided afterwards
