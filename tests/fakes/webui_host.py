@@ -343,11 +343,14 @@ class KDiffusionSampler:
                                           or self.last_latent.requires_grad or d["denoised"].requires_grad))
         self.last_latent = d["denoised"]
 
+    def extra_args(self, p, conditioning, unconditional_conditioning, image_conditioning) -> dict:
+        uncond = conditioning if self.same_condition else unconditional_conditioning
+        return {"cond": conditioning, "image_cond": image_conditioning, "uncond": uncond, "cond_scale": p.cfg_scale,
+                "s_min_uncond": 0.0}
+
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         sigmas = self.get_sigmas(p, steps or p.steps)
-        uncond = conditioning if self.same_condition else unconditional_conditioning
-        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": uncond,
-                      "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
+        extra_args = self.extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
         return self.func(self.model_wrap_cfg, x * sigmas[0], sigmas, extra_args=extra_args,
                          callback=self.callback_state)
 
@@ -395,9 +398,7 @@ class DDIMSampler(KDiffusionSampler):
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         alphas = self.model_wrap_cfg.alphas
         timesteps = torch.linspace(999, 0, steps or p.steps).round().long()
-        uncond = conditioning if self.same_condition else unconditional_conditioning
-        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": uncond,
-                      "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
+        extra_args = self.extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
         s_in = x.new_ones([x.shape[0]])
         for i, t in enumerate(timesteps):
             a, a_prev = alphas[t], (alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0))
