@@ -117,6 +117,11 @@ def _reverse(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return out.detach(), lambda u: torch.autograd.grad(out, leaf, u.to(out.dtype), retain_graph=True)[0].float()
 
 
+def _rho(guidance: DPSGuidance, sigma: float, lam: float) -> float:
+    """ρ of (1): ``λ s²/σ²``."""
+    return lam * noise_variance(guidance) / sigma**2
+
+
 def _decode(guidance: DPSGuidance) -> Callable[[torch.Tensor], torch.Tensor]:
     """The guidance's decoder D as a function: ``decoder_gradient``'s decode (hosts), the plain decoder, or the
     identity for pixel models."""
@@ -129,15 +134,15 @@ def _decoder(guidance: DPSGuidance, z0: torch.Tensor
              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``(D, D(z0), w ↦ J_D(z0)ᵀ w)`` for the guidance's decoder: the identity for pixel models; ``J_Dᵀ`` through
     ``decoder_gradient``'s planned, memory-bounded way when there is one (hosts), else from one kept graph."""
+    decode = _decode(guidance)
     if guidance.decoder_gradient is not None:
-        gradient = guidance.decoder_gradient
         with torch.no_grad():
-            image0 = gradient.decode(z0)
-        return gradient.decode, image0, lambda w: gradient.vjp(z0, w.to(image0.dtype)).float()
+            image0 = decode(z0)
+        return decode, image0, lambda w: guidance.decoder_gradient.vjp(z0, w.to(image0.dtype)).float()
     if guidance.decoder is None:
-        return (lambda z: z), z0, (lambda w: w)
-    image0, transpose = _reverse(guidance.decoder, z0)
-    return guidance.decoder, image0, transpose
+        return decode, z0, (lambda w: w)
+    image0, transpose = _reverse(decode, z0)
+    return decode, image0, transpose
 
 
 def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam: float = LAMBDA,
@@ -150,7 +155,7 @@ def proximal_step(guidance: DPSGuidance, x0_hat: torch.Tensor, sigma: float, lam
     check_number("lam", lam, above=0, fix="λ of the proximal step; 0.3 is the measured default")
     check_int("iterations", iterations, minimum=1, fix="conjugate-gradient iterations per step, e.g. 5")
     check_number("sigma", sigma, above=0)
-    rho = lam * noise_variance(guidance) / sigma**2
+    rho = _rho(guidance, sigma, lam)
     with torch.inference_mode(False), torch.enable_grad():
         z0 = autograd_safe(x0_hat.detach()).float()      # a host's inference tensor, copied
         decode, image0, decoder_transpose = _decoder(guidance, z0)
@@ -185,7 +190,7 @@ def first_iterate_length(guidance: DPSGuidance, x0_hat: torch.Tensor, g: torch.T
     minimiser of the quadratic model along −g (0 where g = 0). Three decodes (one for the decoder's dtype, two for
     ``J_r g`` by central differences); no graph."""
     check_number("sigma", sigma, above=0)
-    rho = lam * noise_variance(guidance) / sigma**2
+    rho = _rho(guidance, sigma, lam)
     decode = _decode(guidance)
     with torch.no_grad():
         z0 = x0_hat.detach().float()

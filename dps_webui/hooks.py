@@ -358,7 +358,7 @@ def forge_gradient(vae_patcher, mode: str = "auto") -> DecoderGradient:
     return DecoderGradient(module, call, mode=mode)
 
 
-def _feed_unconditional(sampler: object, args: dict, change: torch.Tensor) -> None:
+def _move_unconditional_in_place(sampler: object, args: dict, change: torch.Tensor) -> None:
     """Forge's DDIM CFG++ reads ``last_noise_uncond``, which Forge's CFG denoiser computes from this very
     unconditional prediction after the post-CFG functions have run: it gets the guided one's change, in place (Forge
     gives no later hook), so that the update receives the correction as DDIM's does (``dps.samplers``, CFG++).
@@ -395,7 +395,7 @@ def post_cfg_function(guidance: DPSGuidance, job: Job, clock: SigmaClock) -> Cal
             guided = result.x0_hat + clock.feed(s, guided_correction(result, guidance, s, delta, x), result.x0_hat)
             if is_last_step(s, delta):
                 guided = final_refinement(guidance, guided, distances=job.refined)
-            _feed_unconditional(clock.sampler, args, guided - denoised)
+            _move_unconditional_in_place(clock.sampler, args, guided - denoised)
             return guided.to(device=denoised.device, dtype=denoised.dtype)
         except Exception as exc:  # never BaseException (interrupts)
             state["enabled"] = False
