@@ -1,7 +1,9 @@
 """Few host steps against the official 1000-step DPS, on the project's pixel prior (issue 11, item 2).
 
 The official loop: ancestral DDPM, 1000 steps, rule ``dps`` with the demo's tuned ζ (``dps.app.tuned``: ζ = 3 at
-200 steps, rescaled to 0.6 at 1000), x0_hat clipped as the official code does. The host path: the prior as a
+200 steps, rescaled to 0.6 at 1000), x0_hat clipped as the official code does; ``--official-samplers ddim`` runs
+the same loop deterministically (DDIM with η = 0, the same guided update), the reference a deterministic host
+sampler is measured against. The host path: the prior as a
 k-diffusion denoiser D(x, σ) (``dps.sampling.eps_denoiser``), the host's "normal" schedule, Euler or
 Euler ancestral, guidance through ``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1,
 gradient ``full``) unless ``--settings`` says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
@@ -17,6 +19,8 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +32,7 @@ import torch  # noqa: E402
 from dps import DPSGuidance, Gaussian, alphas_cumprod_from_betas, linear_betas, sigma_from_alpha_cumprod  # noqa: E402
 from dps.app import DemoSettings, load_setup, measure, psnr  # noqa: E402
 from dps.app.tuned import guidance_for  # noqa: E402
-from dps.sampling import ddpm_sample  # noqa: E402
+from dps.sampling import ddim_sample, ddpm_sample  # noqa: E402
 from host_defaults import euler, euler_ancestral  # noqa: E402
 from dps.host import FINAL_ITERATIONS, MOVE_SHARE  # noqa: E402
 from dps.proximal import ITERATIONS, LAMBDA, PULL  # noqa: E402
@@ -59,9 +63,10 @@ def official_settings(spec: str, task: str, steps: int) -> list[tuple[str, float
 
 
 def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: float, steps: int, seed: int,
-                 trace_every: int = 0) -> dict:
-    """The DDPM loop (``dps.sampling.ddpm_sample``) with ``rule`` at ``zeta``: PSNR, final residual over its floor,
-    seconds, and with ``trace_every`` the prediction's residual over the floor and PSNR every that many steps."""
+                 trace_every: int = 0, sampler: str = "ddpm") -> dict:
+    """The DDPM loop (``dps.sampling.ddpm_sample``; ``sampler`` "ddim": ``ddim_sample`` with η = 0, the same loop
+    without fresh noise) with ``rule`` at ``zeta``: PSNR, final residual over its floor, seconds, and with
+    ``trace_every`` the prediction's residual over the floor and PSNR every that many steps."""
     g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
     floor = float(noise.expected_distance(y[:1]))
@@ -73,8 +78,9 @@ def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: f
                           "residual": float(info["distance"].mean()) / floor,
                           "psnr_x0_hat": float(psnr(info["x0_hat"].clamp(-1, 1), setup.truth).mean())})
     t0 = time.monotonic()
-    x = ddpm_sample(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=steps, guidance=g,
-                    generator=torch.Generator().manual_seed(seed), callback=record if trace_every else None)
+    loop = ddpm_sample if sampler == "ddpm" else partial(ddim_sample, eta=0.0)
+    x = loop(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=steps, guidance=g,
+             generator=torch.Generator().manual_seed(seed), callback=record if trace_every else None)
     x = x.clamp(-1, 1)
     return {"psnr": float(psnr(x, setup.truth).mean()), "residual": residual_ratio(op, y, x, noise),
             "seconds": time.monotonic() - t0, **({"trace": trace} if trace else {})}
@@ -121,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official-steps", type=int, default=1000, help="0 leaves the official loop out")
     p.add_argument("--official-rules", default="tuned",
                    help="rule:zeta pairs for the DDPM loop (comma-separated); tuned: the demo's dps ζ (dps.app.tuned)")
+    p.add_argument("--official-samplers", default="ddpm",
+                   help="the official loop's samplers (comma-separated): ddpm (the paper's), ddim (η = 0: deterministic)")
     p.add_argument("--trace-every", type=int, default=0,
                    help="record the DDPM loop's residual over its floor and x0_hat's PSNR every N steps (0: not)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    unknown = set(args.official_samplers.split(",")) - {"ddpm", "ddim"}
+    if unknown:
+        p.error(f"--official-samplers: unknown {', '.join(sorted(unknown))}; pick from ddpm, ddim")
     torch.set_num_threads(args.threads)
     s = DemoSettings(images=args.images, offset=args.offset, latent=False)
     setup = load_setup(s)
@@ -139,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         op, y = measure(task, setup.truth, s)
         row = results["tasks"].setdefault(task, {})
         if args.official_steps:
-            for rule, zeta in official_settings(args.official_rules, task, args.official_steps):
-                key = f"official ddpm {args.official_steps} {rule}:{zeta:g}"
+            for loop, (rule, zeta) in product(args.official_samplers.split(","),
+                                              official_settings(args.official_rules, task, args.official_steps)):
+                key = f"official {loop} {args.official_steps} {rule}:{zeta:g}"
                 row[key] = official_run(setup, op, y, noise, rule, zeta, args.official_steps, s.seed + 1,
-                                        args.trace_every)
+                                        args.trace_every, loop)
                 print(task, key, {k: v for k, v in row[key].items() if k != "trace"}, file=sys.stderr, flush=True)
                 for point in row[key].get("trace", []):
                     print(f"  step {point['step']:4d}  σ {point['sigma']:7.2f}  residual/floor "

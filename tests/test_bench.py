@@ -5,6 +5,7 @@ A smoke test of ``bench/gmm.py`` (not a benchmark: no timings are asserted). dee
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,16 +87,23 @@ def test_deepinv_dps_runs_on_the_same_problem():
 
 
 def test_few_steps_runs_both_paths_and_reports_psnr_and_residual():
-    """``bench/few_steps.py`` (issue 11, item 2) on one digit and a few steps: both the official loop and the
-    host path, each with a PSNR and a residual over the noise floor; the host's Polyak rule ends near 1."""
+    """``bench/few_steps.py`` (issue 11, item 2) on one digit and a few steps: both the official loop (its
+    DDPM form and, with ``--official-samplers``, its deterministic DDIM form) and the host path, each with a PSNR and
+    a residual over the noise floor; the host's Polyak rule ends near 1. An unknown official sampler is refused."""
     cmd = [sys.executable, "bench/few_steps.py", "--images", "1", "--steps", "8", "--official-steps", "20",
            "--tasks", "box_inpainting", "--samplers", "euler", "--json", "--threads", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(cmd + ["--official-samplers", "ddpm,ddim"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout)["tasks"]["box_inpainting"]
-    assert set(row) == {"official ddpm 20 dps:30", "euler 8 polyak:1"}, row     # ζ 3 at 200 steps, rescaled
-    assert all(v["psnr"] > 10 and v["residual"] > 0 for v in row.values()), row
+    assert set(row) == {"official ddpm 20 dps:30", "official ddim 20 dps:30", "euler 8 polyak:1"}, row   # ζ 3 at 200
+    assert all(math.isfinite(v["psnr"]) and v["residual"] > 0 for v in row.values()), row
+    assert row["official ddpm 20 dps:30"]["psnr"] > 10 and row["euler 8 polyak:1"]["psnr"] > 10, row
+    assert row["official ddpm 20 dps:30"]["psnr"] != row["official ddim 20 dps:30"]["psnr"], row     # no fresh noise
     assert 0.5 < row["euler 8 polyak:1"]["residual"] < 1.5, row                 # Polyak reaches the noise floor
+    bad = subprocess.run(cmd + ["--official-samplers", "ddpm,plms"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "unknown plms; pick from ddpm, ddim" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_sampler_table_marks_misses_and_uses_euler_on_the_same_levels(tmp_path):
