@@ -3,10 +3,10 @@
 The official loop: ancestral DDPM, 1000 steps, rule ``dps`` with the demo's tuned ζ (``dps.app.tuned``: ζ = 3 at
 200 steps, rescaled to 0.6 at 1000), x0_hat clipped as the official code does; ``--official-samplers ddim`` runs
 the same loop deterministically (DDIM with η = 0, the same guided update), the reference a deterministic host
-sampler is measured against. The host path: the prior as a
-k-diffusion denoiser D(x, σ) (``dps.sampling.eps_denoiser``), the host's "normal" schedule, Euler or
-Euler ancestral, guidance through ``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1,
-gradient ``full``) unless ``--settings`` says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
+sampler is measured against. The host path: the prior as a k-diffusion denoiser D(x, σ)
+(``dps.sampling.eps_denoiser``), the host's "normal" schedule, Euler or Euler ancestral, guidance through
+``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1, gradient ``full``) unless ``--settings``
+says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
 noise σ = 0.05; PSNR (dB) per task, and the final residual ‖y − A(x)‖ over its noise floor E‖n‖ (1 = fits the
 data as well as the truth does).
 
@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=float, default=0.0, help="guide from this fraction of the steps on")
     p.add_argument("--official-steps", type=int, default=1000, help="0 leaves the official loop out")
     p.add_argument("--official-rules", default="tuned",
-                   help="rule:zeta pairs for the DDPM loop (comma-separated); tuned: the demo's dps ζ (dps.app.tuned)")
+                   help="rule:zeta pairs for the official loop (comma-separated); tuned: the demo's dps ζ "
+                        "(dps.app.tuned)")
     p.add_argument("--official-samplers", default="ddpm",
-                   help="the official loop's samplers (comma-separated): ddpm (the paper's), ddim (η = 0: deterministic)")
+                   help="the official loop's samplers (comma-separated): ddpm (the paper's), ddim (η = 0: "
+                        "deterministic)")
     p.add_argument("--trace-every", type=int, default=0,
                    help="record the DDPM loop's residual over its floor and x0_hat's PSNR every N steps (0: not)")
     p.add_argument("--threads", type=int, default=2)
