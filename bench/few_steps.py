@@ -6,9 +6,8 @@ the same loop deterministically (DDIM with η = 0, the same guided update), the 
 sampler is measured against. The host path: the prior as a k-diffusion denoiser D(x, σ)
 (``dps.sampling.eps_denoiser``), the host's "normal" schedule, Euler or Euler ancestral, guidance through
 ``dps.host.guided_correction`` at the hosts' defaults (``polyak``, ζ = 1, gradient ``full``) unless ``--settings``
-says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian
-noise σ = 0.05; PSNR (dB) per task, and the final residual ‖y − A(x)‖ over its noise floor E‖n‖ (1 = fits the
-data as well as the truth does).
+says otherwise. Held-out digits ``--offset``.. (0-7 by default), Gaussian noise σ = 0.05; PSNR (dB) per task,
+and the final residual ‖y − A(x)‖ over its noise floor E‖n‖ (1 = fits the data as well as the truth does).
 
     python bench/few_steps.py --json > bench/results/few_steps.json
 """
@@ -40,6 +39,9 @@ from dps.sampling import eps_denoiser, proximal_sample  # noqa: E402
 from dps.schedule import timestep_sigmas  # noqa: E402
 
 HOST_SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral}
+# The official loop's forms (``--official-samplers``): the paper's ancestral DDPM, and DDIM with η = 0, the same loop
+# without fresh noise.
+OFFICIAL_LOOPS = {"ddpm": ddpm_sample, "ddim": partial(ddim_sample, eta=0.0)}
 
 
 def residual_ratio(op, y: torch.Tensor, x: torch.Tensor, noise: Gaussian) -> float:
@@ -64,9 +66,9 @@ def official_settings(spec: str, task: str, steps: int) -> list[tuple[str, float
 
 def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: float, steps: int, seed: int,
                  trace_every: int = 0, sampler: str = "ddpm") -> dict:
-    """The DDPM loop (``dps.sampling.ddpm_sample``; ``sampler`` "ddim": ``ddim_sample`` with η = 0, the same loop
-    without fresh noise) with ``rule`` at ``zeta``: PSNR, final residual over its floor, seconds, and with
-    ``trace_every`` the prediction's residual over the floor and PSNR every that many steps."""
+    """The official loop in the form ``sampler`` names (``OFFICIAL_LOOPS``) with ``rule`` at ``zeta``: PSNR, final
+    residual over its floor, seconds, and with ``trace_every`` the prediction's residual over the floor and PSNR
+    every that many steps."""
     g = DPSGuidance(op, noise, y, zeta=zeta, rule=rule)
     ac = alphas_cumprod_from_betas(linear_betas()).float()
     floor = float(noise.expected_distance(y[:1]))
@@ -78,7 +80,7 @@ def official_run(setup, op, y: torch.Tensor, noise: Gaussian, rule: str, zeta: f
                           "residual": float(info["distance"].mean()) / floor,
                           "psnr_x0_hat": float(psnr(info["x0_hat"].clamp(-1, 1), setup.truth).mean())})
     t0 = time.monotonic()
-    loop = ddpm_sample if sampler == "ddpm" else partial(ddim_sample, eta=0.0)
+    loop = OFFICIAL_LOOPS[sampler]
     x = loop(setup.prior.eps_model(), (len(setup.truth), *setup.prior.shape), steps=steps, guidance=g,
              generator=torch.Generator().manual_seed(seed), callback=record if trace_every else None)
     x = x.clamp(-1, 1)
@@ -129,16 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="rule:zeta pairs for the official loop (comma-separated); tuned: the demo's dps ζ "
                         "(dps.app.tuned)")
     p.add_argument("--official-samplers", default="ddpm",
-                   help="the official loop's samplers (comma-separated): ddpm (the paper's), ddim (η = 0: "
-                        "deterministic)")
+                   help=f"the official loop's forms (comma-separated) of {', '.join(OFFICIAL_LOOPS)}: ddpm (the "
+                        "paper's), ddim (η = 0: deterministic)")
     p.add_argument("--trace-every", type=int, default=0,
                    help="record the DDPM loop's residual over its floor and x0_hat's PSNR every N steps (0: not)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    unknown = set(args.official_samplers.split(",")) - {"ddpm", "ddim"}
+    unknown = set(args.official_samplers.split(",")) - set(OFFICIAL_LOOPS)
     if unknown:
-        p.error(f"--official-samplers: unknown {', '.join(sorted(unknown))}; pick from ddpm, ddim")
+        p.error(f"--official-samplers: unknown {', '.join(sorted(unknown))}; pick from {', '.join(OFFICIAL_LOOPS)}")
     torch.set_num_threads(args.threads)
     s = DemoSettings(images=args.images, offset=args.offset, latent=False)
     setup = load_setup(s)
